@@ -1,0 +1,31 @@
+# The two commands of the README:
+#   make demo   - the main job (installs everything it needs, then runs it)
+#   make test   - the test suite (installs everything it needs, then runs it)
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.alm-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m alm.assets install
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m experiments.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+# Skips the tests that load the real models.
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
