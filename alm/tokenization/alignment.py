@@ -1,0 +1,322 @@
+"""Greedy chunk alignment of two tokenizations of the same text (SPEC section 2).
+
+Both tokenizations encode the same bytes, so the chunk boundaries are the byte
+offsets at which a token ends on both sides. They are found by intersecting
+the two sorted end-offset arrays, and every token's chunk is one
+`searchsorted` away: no Python loop over tokens.
+
+Conventions (shared with `alm.losses`):
+  * Chunk ids are int32, one per token, contiguous `0..C-1` in text order; `-1`
+    marks a token in no chunk (padding, a special token present on one side
+    only, a chunk dropped by the rules below).
+  * Token `t`'s log-prob is read from the logits at position `t - 1`. Position
+    0 of a sequence is never predicted, so the chunk that contains token 0 of
+    *either* side is dropped (-1): its likelihood would miss a term on that
+    side. Loss code can therefore treat every chunk id >= 0 as valid.
+  * A chunk's last token on each side (where the boundary log-prob of SPEC
+    section 3 is read) is the largest position carrying its id; see
+    `last_token_indices` (on device: `jax.ops.segment_max` over positions).
+  * With `loss_mask`s (chat data), a chunk that contains a token outside the
+    mask on either side is dropped: only chunks made entirely of target
+    tokens are compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+
+from alm.tokenization.base import Encoding
+
+Constraint = Literal["unconstrained", "space", "unbiased"]
+CONSTRAINTS: tuple[str, ...] = get_args(Constraint)
+
+
+class AlignmentError(ValueError):
+  """Two encodings cannot be aligned (different texts, malformed spans)."""
+
+
+def _check_constraint(constraint: str) -> None:
+  if constraint not in CONSTRAINTS:
+    raise ValueError(f"Unknown chunk constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}. "
+                     "('boundary_prob' merging is applied in the loss, on device.)")
+
+
+def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (positions of non-special tokens, their end offsets), validated."""
+  special = np.asarray(enc.special, bool)
+  if special.any():
+    pos = np.flatnonzero(~special)
+  else:
+    pos = None
+  ends = np.asarray(enc.ends)
+  e = ends if pos is None else ends[pos]
+  n = e.shape[0]
+  # Text tokens must tile the text: strictly increasing ends, last == len(text).
+  if n and (e[-1] != len(enc.text) or (n > 1 and not (e[1:] > e[:-1]).all())
+            or e[0] <= 0):
+    raise AlignmentError(
+        f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
+        f"and the last must be len(text)={len(enc.text)}); build it with tokenizer.encode().")
+  if n == 0 and len(enc.text):
+    raise AlignmentError(f"The {side} encoding has text but no text tokens.")
+  return (np.arange(len(ends)) if pos is None else pos), e
+
+
+def _match_specials(t: Encoding, s: Encoding, common: np.ndarray, tokenizers) -> list:
+  """Pairs up special tokens at the same byte position, in order.
+
+  A special at byte position p can only be its own chunk if both sides split
+  the text at p (p == 0, or p is a common text boundary). At one position the
+  specials are matched by kind (BOS, EOS, other: known from the tokenizers
+  when given) with a longest-common-subsequence, so a BOS that only one side
+  has does not steal the other side's chat marker.
+
+  Returns:
+    A list of (position, teacher_index, student_index) in text order.
+  """
+  t_sp = np.flatnonzero(t.special)
+  s_sp = np.flatnonzero(s.special)
+  if not len(t_sp) or not len(s_sp):
+    return []
+  t_pos = np.asarray(t.starts)[t_sp]
+  s_pos = np.asarray(s.starts)[s_sp]
+  shared = np.intersect1d(t_pos, s_pos)
+  ok = (shared == 0) | np.isin(shared, common)
+  out = []
+
+  def kind(tok, i, j):
+    if tok is None:
+      return 0
+    if i == tok.bos_id:
+      return 1
+    if i == tok.eos_id:
+      return 2
+    return 3
+
+  t_tok, s_tok = tokenizers
+  for p in shared[ok].tolist():
+    ti = t_sp[t_pos == p]
+    si = s_sp[s_pos == p]
+    tk = [kind(t_tok, int(t.ids[i]), i) for i in ti]
+    sk = [kind(s_tok, int(s.ids[i]), i) for i in si]
+    if t_tok is None or s_tok is None:
+      tk = [0] * len(ti)
+      sk = [0] * len(si)
+    # LCS over a handful of specials (chat markers, BOS/EOS): tiny DP.
+    n, m = len(tk), len(sk)
+    dp = [[0] * (m + 1) for _ in range(n + 1)]
+    for a in range(n - 1, -1, -1):
+      for b in range(m - 1, -1, -1):
+        dp[a][b] = dp[a + 1][b + 1] + 1 if tk[a] == sk[b] else max(dp[a + 1][b], dp[a][b + 1])
+    a = b = 0
+    while a < n and b < m:
+      if tk[a] == sk[b]:
+        out.append((p, int(ti[a]), int(si[b])))
+        a += 1
+        b += 1
+      elif dp[a + 1][b] >= dp[a][b + 1]:
+        a += 1
+      else:
+        b += 1
+  return out
+
+
+def align(teacher_enc: Encoding, student_enc: Encoding, *,
+          constraint: Constraint = "unconstrained", bias_tables=None, gamma: float = 0.1,
+          teacher_tokenizer=None, student_tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+  """Aligns two tokenizations of one text into chunks (SPEC sections 2 and 4).
+
+  Args:
+    teacher_enc: the teacher's encoding.
+    student_enc: the student's encoding of the same text (same `text` bytes).
+    constraint: which boundaries to keep. "unconstrained": every common token
+      end. "space": only where the next token on both sides starts with a
+      pretoken-boundary byte (needs both tokenizers for `boundary_bytes`), or
+      where a matched special token or the end of the sequence follows.
+      "unbiased": only where both bias differences of the boundary's last
+      token pair are <= `gamma` (needs `bias_tables`); a biased chunk is merged
+      into the next one. A boundary followed by a matched special token is
+      always kept (the text provably ends there on both sides). The final
+      boundary of the sequence is judged by the tables like any other; if it
+      is biased, the final chunk is dropped (-1). Pairs missing from the
+      tables count as biased.
+    bias_tables: an `alm.tokenization.bias.BiasTables` for this tokenizer pair
+      (teacher first), for "unbiased".
+    gamma: the bias threshold of "unbiased".
+    teacher_tokenizer: used to tell BOS/EOS apart when matching specials, and
+      for "space".
+    student_tokenizer: same for the student.
+
+  Returns:
+    (teacher_chunk_ids int32 [n], student_chunk_ids int32 [m]); see the module
+    docstring for the conventions (-1, token 0, loss masks).
+
+  Raises:
+    AlignmentError: the encodings encode different texts or are malformed.
+    ValueError: an unknown constraint, or one whose inputs are missing.
+  """
+  _check_constraint(constraint)
+  t, s = teacher_enc, student_enc
+  if t.text != s.text:
+    raise AlignmentError(
+        f"Teacher and student encodings encode different texts ({len(t.text)} vs {len(s.text)} "
+        "bytes); encode the same text with both tokenizers (same normalization).")
+  t_pos, t_end = _text_ends(t, "teacher")
+  s_pos, s_end = _text_ends(s, "student")
+  n, m = len(t), len(s)
+  t_ids = np.full(n, -1, np.int32)
+  s_ids = np.full(m, -1, np.int32)
+
+  # Common ends: both arrays are sorted and unique, so a searchsorted suffices.
+  if len(t_end) and len(s_end):
+    j = np.searchsorted(s_end, t_end)
+    hit = s_end[np.minimum(j, len(s_end) - 1)] == t_end
+    common = t_end[hit]
+  else:
+    common = t_end[:0]
+
+  has_specials = bool(np.any(t.special)) and bool(np.any(s.special))
+  matched = (_match_specials(t, s, common, (teacher_tokenizer, student_tokenizer))
+             if has_specials else [])
+
+  kept = common
+  drop_last = False
+  if constraint != "unconstrained" and len(common):
+    keep, drop_last = _constraint_keep(constraint, t, s, t_pos, t_end, s_pos, s_end, common, hit,
+                                       matched, bias_tables, gamma, teacher_tokenizer,
+                                       student_tokenizer)
+    kept = common[keep]
+
+  # Text chunk k covers the text tokens whose ends fall in (kept[k-1], kept[k]].
+  t_chunk = np.searchsorted(kept, t_end)
+  s_chunk = np.searchsorted(kept, s_end)
+  n_text = len(kept)
+  valid = np.ones(n_text + len(matched), bool)
+  if drop_last and n_text:
+    valid[n_text - 1] = False
+  if matched:
+    sp_pos = np.array([p for p, _, _ in matched], np.int64)
+    # Specials at p come after the text chunk ending at p: shift chunk ranks.
+    text_rank = np.arange(n_text) + np.searchsorted(sp_pos, kept, side="left")
+    sp_rank = np.searchsorted(kept, sp_pos, side="right") + np.arange(len(matched))
+    if n_text:
+      t_chunk = text_rank[t_chunk]
+      s_chunk = text_rank[s_chunk]
+    full_valid = np.empty(n_text + len(matched), bool)
+    full_valid[text_rank] = valid[:n_text]
+    full_valid[sp_rank] = True
+    valid = full_valid
+    t_ids[t_pos] = t_chunk
+    s_ids[s_pos] = s_chunk
+    t_ids[[ti for _, ti, _ in matched]] = sp_rank
+    s_ids[[si for _, _, si in matched]] = sp_rank
+  else:
+    t_ids[t_pos] = t_chunk
+    s_ids[s_pos] = s_chunk
+
+  # Token 0 of either side is never predicted: its chunk is dropped.
+  if n and t_ids[0] >= 0:
+    valid[t_ids[0]] = False
+  if m and s_ids[0] >= 0:
+    valid[s_ids[0]] = False
+  for enc, ids in ((t, t_ids), (s, s_ids)):
+    if enc.loss_mask is not None:
+      bad = ids[(~np.asarray(enc.loss_mask, bool)) & (ids >= 0)]
+      valid[bad] = False
+  if not valid.all():
+    new = np.cumsum(valid, dtype=np.int32) - 1
+    new[~valid] = -1
+    t_ids = np.where(t_ids >= 0, new[np.maximum(t_ids, 0)], -1).astype(np.int32)
+    s_ids = np.where(s_ids >= 0, new[np.maximum(s_ids, 0)], -1).astype(np.int32)
+  return t_ids, s_ids
+
+
+def _constraint_keep(constraint, t, s, t_pos, t_end, s_pos, s_end, common, hit, matched,
+                     bias_tables, gamma, t_tok, s_tok) -> tuple[np.ndarray, bool]:
+  """Which common boundaries a constraint keeps, and whether to drop the last chunk."""
+  # Index (among text tokens) of the last token ending at each common boundary.
+  t_last = np.flatnonzero(hit)
+  s_last = np.searchsorted(s_end, common)
+  forced = np.zeros(len(common), bool)
+  if matched:
+    forced |= np.isin(common, np.array([p for p, _, _ in matched]))
+  is_end = np.zeros(len(common), bool)
+  is_end[-1] = True  # the sequence's final boundary
+  drop_last = False
+  if constraint == "space":
+    if t_tok is None or s_tok is None:
+      raise ValueError("constraint='space' needs teacher_tokenizer and student_tokenizer "
+                       "(for their boundary_bytes).")
+    ok = np.ones(len(common), bool)
+    for tok, enc, pos, last in ((t_tok, t, t_pos, t_last), (s_tok, s, s_pos, s_last)):
+      bmask = np.zeros(256, bool)
+      bmask[list(tok.boundary_bytes)] = True
+      nxt = last + 1  # next text token on this side
+      has_next = nxt < len(pos)
+      starts = np.asarray(enc.starts)[pos[np.minimum(nxt, len(pos) - 1)]]
+      data = np.frombuffer(enc.text, np.uint8)
+      first_byte = data[np.minimum(starts, max(len(data) - 1, 0))] if len(data) else starts
+      ok &= ~has_next | bmask[first_byte]
+    keep = ok | forced | is_end
+  else:  # unbiased
+    if bias_tables is None:
+      raise ValueError("constraint='unbiased' needs bias_tables (alm.tokenization.bias."
+                       "BiasTables.load(dir) or compute_bias_tables(...)).")
+    vt = np.asarray(t.ids)[t_pos[t_last]]
+    vs = np.asarray(s.ids)[s_pos[s_last]]
+    b1, b2 = bias_tables.lookup(vt, vs)
+    ok = (b1 <= gamma) & (b2 <= gamma)
+    keep = ok | forced
+    drop_last = not bool(keep[-1])
+    keep = keep | is_end
+  return keep, drop_last
+
+
+def last_token_indices(chunk_ids: np.ndarray, num_chunks: int | None = None) -> np.ndarray:
+  """Position of the last token of every chunk (where boundary log-probs are read).
+
+  Args:
+    chunk_ids: int [T] chunk ids of one side (-1 = no chunk).
+    num_chunks: number of chunks C (default: max id + 1).
+
+  Returns:
+    int32 [C] largest position carrying each chunk id (-1 for an absent id).
+  """
+  chunk_ids = np.asarray(chunk_ids)
+  c = int(chunk_ids.max(initial=-1)) + 1 if num_chunks is None else num_chunks
+  out = np.full(c, -1, np.int64)
+  sel = chunk_ids >= 0
+  np.maximum.at(out, chunk_ids[sel], np.flatnonzero(sel))
+  return out.astype(np.int32)
+
+
+def align_batch(pairs: Sequence[tuple[Encoding, Encoding]], *, pad_to: tuple[int, int],
+                **kwargs) -> tuple[np.ndarray, np.ndarray]:
+  """Aligns a batch of encoding pairs into padded chunk-id arrays.
+
+  Args:
+    pairs: (teacher_encoding, student_encoding) per example.
+    pad_to: (T_teacher, T_student) lengths of the output rows.
+    **kwargs: passed to `align` (constraint, bias_tables, gamma, tokenizers).
+
+  Returns:
+    (teacher int32 [B, T_teacher], student int32 [B, T_student]); -1 on padding.
+
+  Raises:
+    ValueError: an encoding is longer than its `pad_to` length (truncate the
+      pair at a common boundary first, e.g. with the data pipeline).
+  """
+  tt, ts = pad_to
+  out_t = np.full((len(pairs), tt), -1, np.int32)
+  out_s = np.full((len(pairs), ts), -1, np.int32)
+  for b, (te, se) in enumerate(pairs):
+    if len(te) > tt or len(se) > ts:
+      raise ValueError(f"Pair {b} has {len(te)} teacher / {len(se)} student tokens, more than "
+                       f"pad_to={pad_to}; truncate both at a common boundary first.")
+    ti, si = align(te, se, **kwargs)
+    out_t[b, :len(ti)] = ti
+    out_s[b, :len(si)] = si
+  return out_t, out_s
