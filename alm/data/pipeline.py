@@ -44,6 +44,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from alm.data.sources import DataError
+from alm.tokenization.alignment import align
 from alm.tokenization.base import ByteTokenizer, Encoding
 
 Mode = Literal["pad", "pack"]
@@ -71,8 +72,8 @@ class PipelineConfig:
     num_workers: grain worker processes for the per-document work (0: in
       the calling process).
     packing_bins: first-fit bins held open while packing (more: less padding).
-    align_constraint: passed to `alm.align` as `constraint` (pipelines compute
-      the constraints that need no model: "unconstrained", "space").
+    align_constraint: passed to `alm.align` as `constraint` ("unconstrained",
+      "space"; "unbiased" needs bias tables: pass an `align_fn` that binds them).
     shard_index: this process's shard of the documents (multi-host).
     shard_count: number of shards.
     add_eos: append EOS (as text-less special) to plain documents on sides
@@ -113,54 +114,6 @@ class PipelineConfig:
 
 
 # ---------------------------------------------------------------------------
-# Alignment: the real `alm.tokenization.alignment.align` when present.
-
-
-def _shim_align(t: Encoding, s: Encoding, constraint: str = "unconstrained"):
-  """LOCAL SHIM of SPEC section 2 (unconstrained only), used only when
-  `alm.tokenization.alignment` is not importable. To be removed once it lands.
-  """
-  if constraint != "unconstrained":
-    raise NotImplementedError("The alignment shim only supports 'unconstrained'.")
-  tn, sn = ~t.special, ~s.special
-  bounds = np.intersect1d(t.ends[tn], s.ends[sn])  # [C] common end offsets
-  keys_t = np.full(len(t), -1, np.int64)
-  keys_s = np.full(len(s), -1, np.int64)
-  # Sort key: chunk with boundary b -> 4*b + 0 ... specials at offset o -> after
-  # chunks ending at o: 4*o + 2 (k-th special at o gets +k/big below).
-  keys_t[tn] = 4 * bounds[np.searchsorted(bounds, t.ends[tn], "left").clip(0, len(bounds) - 1)]
-  keys_s[sn] = 4 * bounds[np.searchsorted(bounds, s.ends[sn], "left").clip(0, len(bounds) - 1)]
-  tc = np.full(len(t), -1, np.int32)
-  sc = np.full(len(s), -1, np.int32)
-  # Specials match when both sides have them at the same offset (k-th with k-th).
-  tsp, ssp = np.flatnonzero(t.special), np.flatnonzero(s.special)
-  pairs = []
-  for o in np.intersect1d(t.ends[tsp], s.ends[ssp]):
-    a, b = tsp[t.ends[tsp] == o], ssp[s.ends[ssp] == o]
-    pairs += list(zip(a[:len(b)], b[:len(a)]))
-  special_keys = {}
-  for k, (i, j) in enumerate(pairs):
-    special_keys[(i, j)] = 4 * int(t.ends[i]) + 2 + k / (len(pairs) + 1)
-  all_keys = np.unique(np.concatenate(
-      [4 * bounds.astype(np.float64), np.asarray(list(special_keys.values()), np.float64)]))
-  if tn.any():
-    tc[tn] = np.searchsorted(all_keys, keys_t[tn])
-    sc[sn] = np.searchsorted(all_keys, keys_s[sn])
-  for (i, j), key in special_keys.items():
-    tc[i] = sc[j] = np.searchsorted(all_keys, key)
-  return tc, sc
-
-
-def resolve_align() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
-  """`alm.tokenization.alignment.align` if it exists, else the local shim."""
-  try:
-    from alm.tokenization.alignment import align  # pylint: disable=import-outside-toplevel
-    return align
-  except ImportError:
-    return _shim_align
-
-
-# ---------------------------------------------------------------------------
 # Per-document work (runs in the workers).
 
 
@@ -169,7 +122,8 @@ def render_chat(messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int
 
   A tokenizer-neutral rendering ("<role>: content" blocks separated by blank
   lines) so that teacher and student see the same bytes; the assistant turns'
-  content bytes are the training targets.
+  content bytes are the training targets (a token that overlaps them at all
+  counts as a target, e.g. " and" straddling "assistant:" and "and").
 
   Args:
     messages: [{"role": ..., "content": ...}, ...].
@@ -203,7 +157,7 @@ def _with_eos(enc: Encoding, tok: ByteTokenizer) -> Encoding:
     return enc
   n = np.int32(len(enc.text))
   cat = lambda a, v: np.concatenate([a, np.asarray([v], a.dtype)])
-  lm = None if enc.loss_mask is None else cat(enc.loss_mask, True)
+  lm = None if enc.loss_mask is None else cat(enc.loss_mask, False)
   return Encoding(cat(enc.ids, tok.eos_id), cat(enc.starts, n), cat(enc.ends, n),
                   cat(enc.special, True), enc.text, lm)
 
@@ -250,16 +204,20 @@ class DocumentProcessor:
     teacher: the teacher tokenizer.
     student: the student tokenizer.
     cfg: the pipeline config.
-    align_fn: the alignment function (default: `resolve_align()`).
+    align_fn: the alignment function, called like `alm.align` (default: it).
   """
 
   def __init__(self, teacher: ByteTokenizer, student: ByteTokenizer, cfg: PipelineConfig,
                align_fn: Callable | None = None):
     self.teacher, self.student, self.cfg = teacher, student, cfg
-    self.align_fn = align_fn
+    self.align_fn = align_fn or align
 
   def encode(self, doc: dict[str, Any]) -> tuple[Encoding, Encoding]:
-    """Both encodings of a document, with loss masks (chat: assistant turns only)."""
+    """Both encodings of a document, with loss masks (chat: assistant turns only).
+
+    Plain documents keep `loss_mask=None` (every token a target) so that the
+    alignment keeps chunks of special tokens matched on both sides.
+    """
     ranges = None
     if "messages" in doc:
       text, ranges = render_chat(doc["messages"])
@@ -272,10 +230,9 @@ class DocumentProcessor:
       except ValueError as e:  # TokenizerError: name the document that caused it
         raise DataError(f"{doc.get('origin', '?')}: cannot tokenize with "
                         f"{getattr(tok, 'name', tok)!r}: {e}") from e
-      mask = _target_mask(enc, ranges) if ranges is not None else (
-          enc.loss_mask if enc.loss_mask is not None else ~enc.special)
-      enc = dataclasses.replace(enc, loss_mask=np.asarray(mask, bool))
-      if self.cfg.add_eos and ranges is None:
+      if ranges is not None:
+        enc = dataclasses.replace(enc, loss_mask=_target_mask(enc, ranges))
+      elif self.cfg.add_eos:
         enc = _with_eos(enc, tok)
       encs.append(enc)
     return encs[0], encs[1]
@@ -283,8 +240,8 @@ class DocumentProcessor:
   def __call__(self, doc: dict[str, Any]) -> list[dict[str, np.ndarray]]:
     cfg = self.cfg
     t, s = self.encode(doc)
-    align = self.align_fn or resolve_align()
-    tc, sc = align(t, s, constraint=cfg.align_constraint)
+    tc, sc = self.align_fn(t, s, constraint=cfg.align_constraint, teacher_tokenizer=self.teacher,
+                           student_tokenizer=self.student)
     tc, sc = np.asarray(tc, np.int32), np.asarray(sc, np.int32)
     bounds = np.intersect1d(t.ends[~t.special], s.ends[~s.special])
     bos = [tok.bos_id if tok.add_bos and tok.bos_id is not None else None
@@ -302,15 +259,16 @@ class DocumentProcessor:
       # A chunk survives only if all its tokens on both sides are in the piece.
       whole = (np.bincount(ptc[ptc >= 0], minlength=n_chunks) == tot_t) & (
           np.bincount(psc[psc >= 0], minlength=n_chunks) == tot_s)
-      keep_t = (ptc >= 0) & whole[ptc.clip(0)]
-      keep_s = (psc >= 0) & whole[psc.clip(0)]
+      whole = np.append(whole, False)  # slot n_chunks: "no chunk" (-1)
+      keep_t = whole[np.where(ptc >= 0, ptc, n_chunks)]
+      keep_s = whole[np.where(psc >= 0, psc, n_chunks)]
       # Renumber over both sides at once so the two sides keep the same ids.
       both = _compact(np.concatenate([ptc, psc]), np.concatenate([keep_t, keep_s]))
       ex = {}
       for side, enc, lo, hi, cid, b in (("teacher", t, t_lo, t_hi, both[:len(ptc)], bos[0]),
                                         ("student", s, s_lo, s_hi, both[len(ptc):], bos[1])):
         ids = enc.ids[lo:hi]
-        mask = enc.loss_mask[lo:hi]
+        mask = (~enc.special if enc.loss_mask is None else enc.loss_mask)[lo:hi]
         nbytes = (enc.ends[lo:hi] - enc.starts[lo:hi]).astype(np.int32)
         nbytes[enc.special[lo:hi]] = 0
         if i > 0 and b is not None:  # a continuation piece starts like a document
@@ -356,37 +314,41 @@ def pad_example(ex: dict[str, np.ndarray], cfg: PipelineConfig, pad_ids=(0, 0)) 
     pos = np.zeros(length, np.int32)
     pos[:n] = np.arange(n)
     row[f"{side}_segment_ids"], row[f"{side}_positions"] = seg, pos
-  return finalize_row(row)
+  return finalize_row(row, pad_ids)
 
 
 def finalize_row(row: dict[str, np.ndarray], pad_ids=(0, 0)) -> dict:
-  """Fixes a packed/padded row: padding values, per-document chunk id offsets.
+  """Fixes a packed/padded row: padding values, chunk ids unique across documents.
 
   Args:
     row: a row with `{side}_{ids,chunk_ids,loss_mask,num_bytes,segment_ids,positions}`.
     pad_ids: (teacher, student) pad id written on padding.
 
   Returns:
-    The row with chunk ids offset per document (contiguous in the row), -1 on
-    padding, loss mask False on padding and on each document's first token.
+    The row with chunk ids renumbered `0..C-1` along the row (documents in
+    order, so no id links two documents), -1 on padding; the chunk holding a
+    document's first token on either side is dropped (-1: that token is never
+    predicted, `alm.align`'s convention); loss mask False on padding and on each
+    document's first token.
   """
-  tseg, sseg = row["teacher_segment_ids"], row["student_segment_ids"]
-  tc, sc = row["teacher_chunk_ids"], row["student_chunk_ids"]
-  nseg = int(max(tseg.max(initial=0), sseg.max(initial=0)))
-  # Chunks per document (ids are 0..n-1 within a document, same on both sides).
-  per_doc = np.zeros(nseg + 1, np.int64)
-  np.maximum.at(per_doc, tseg, tc.astype(np.int64) + 1)
-  np.maximum.at(per_doc, sseg, sc.astype(np.int64) + 1)
-  per_doc[0] = 0
-  offset = np.concatenate([[0], np.cumsum(per_doc)[:-1]])  # [nseg+1]
-  for side, seg, cid, pad in (("teacher", tseg, tc, pad_ids[0]),
-                              ("student", sseg, sc, pad_ids[1])):
-    valid = (seg > 0) & (cid >= 0)
-    row[f"{side}_chunk_ids"] = np.where(valid, cid + offset[seg], -1).astype(np.int32)
-    row[f"{side}_loss_mask"] = row[f"{side}_loss_mask"] & (seg > 0) & (
+  segs = (row["teacher_segment_ids"], row["student_segment_ids"])
+  cids = (row["teacher_chunk_ids"].astype(np.int64), row["student_chunk_ids"].astype(np.int64))
+  poss = (row["teacher_positions"], row["student_positions"])
+  # Per-document ids 0..n-1 -> row-unique keys (segment, id).
+  keys = [np.where((sg > 0) & (c >= 0), sg.astype(np.int64) * (1 << 32) + c, -1)
+          for sg, c in zip(segs, cids)]
+  dropped = np.concatenate([k[(p == 0) & (k >= 0)] for k, p in zip(keys, poss)])
+  both = np.concatenate(keys)
+  keep = (both >= 0) & ~np.isin(both, dropped)
+  new = _compact(both, keep)
+  n_t = len(keys[0])
+  for side, sg, cid, pad in (("teacher", segs[0], new[:n_t], pad_ids[0]),
+                             ("student", segs[1], new[n_t:], pad_ids[1])):
+    row[f"{side}_chunk_ids"] = cid.astype(np.int32)
+    row[f"{side}_loss_mask"] = row[f"{side}_loss_mask"] & (sg > 0) & (
         row[f"{side}_positions"] > 0)
-    row[f"{side}_ids"] = np.where(seg > 0, row[f"{side}_ids"], pad).astype(np.int32)
-    row[f"{side}_num_bytes"] = np.where(seg > 0, row[f"{side}_num_bytes"], 0).astype(np.int32)
+    row[f"{side}_ids"] = np.where(sg > 0, row[f"{side}_ids"], pad).astype(np.int32)
+    row[f"{side}_num_bytes"] = np.where(sg > 0, row[f"{side}_num_bytes"], 0).astype(np.int32)
   return row
 
 
