@@ -1,0 +1,148 @@
+"""FVT initialisation vs a direct per-token loop on tiny tokenizers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alm.hypernet import fvt
+from alm.tokenization.bytes_tok import BytesTokenizer
+from alm.tokenization.vocab import VocabTokenizer
+
+
+class Greedy(VocabTokenizer):
+  """Specials (by string) then 256 bytes then `pieces`; greedy longest match."""
+
+  def __init__(self, pieces, specials=("<bos>", "<eos>", "<pad>"), name="g"):
+    self.name = name
+    self.specials = specials
+    self._token_bytes = [b""] * len(specials) + [bytes([i]) for i in range(256)] + [
+        p if isinstance(p, bytes) else p.encode() for p in pieces]
+    self._special_ids = frozenset(range(len(specials)))
+    self._bos_id = specials.index("<bos>") if "<bos>" in specials else None
+    self._eos_id = specials.index("<eos>") if "<eos>" in specials else None
+    self.pad_id = specials.index("<pad>") if "<pad>" in specials else None
+    self._add_bos = True
+    self._p2i = {}
+    for i, b in enumerate(self._token_bytes):
+      if b and b not in self._p2i:
+        self._p2i[b] = i
+
+  def id_to_token(self, i):
+    return self.specials[i]
+
+  def _encode_ids(self, text):
+    data, out, i = text.encode(), [], 0
+    while i < len(data):
+      for n in range(min(8, len(data) - i), 0, -1):
+        j = self._p2i.get(data[i:i + n])
+        if j is not None:
+          out.append(j)
+          i += n
+          break
+    return out
+
+  def save_pretrained(self, directory):
+    raise NotImplementedError
+
+
+OLD = Greedy(["th", "the", " the", "ing", "an", "é", "日"], specials=("<eos>", "<bos>",
+                                                                  "<|im_start|>"), name="old")
+NEW = Greedy(["the", " thing", "and", "é!", b"\xe6\x97",
+              "日本"], specials=("<bos>", "<eos>", "<pad>", "<|im_start|>", "<x>"), name="new")
+
+
+def loop_reference(old_emb, old, new):
+  """Plain loop: copy / mean of old encoding / specials by role and string / mean of all."""
+  p2i = {b: i for i, b in reversed(list(enumerate(old.token_bytes)))
+         if b and i not in old.special_ids}
+  out = np.zeros((new.vocab_size, old_emb.shape[1]), np.float64)
+  old_str = {old.id_to_token(i): i for i in old.special_ids}
+  for v in range(new.vocab_size):
+    if v in new.special_ids:
+      if v == new.bos_id:
+        out[v] = old_emb[old.bos_id]
+      elif v == new.eos_id:
+        out[v] = old_emb[old.eos_id]
+      elif new.id_to_token(v) in old_str:
+        out[v] = old_emb[old_str[new.id_to_token(v)]]
+      else:
+        out[v] = old_emb.mean(0)
+      continue
+    b = new.token_bytes[v]
+    if b in p2i:
+      out[v] = old_emb[p2i[b]]
+      continue
+    ids = old.encode(b.decode(), add_special_tokens=False).ids if _utf8(b) else None
+    if ids is None:  # greedy over bytes (the tiny tokenizer is greedy anyway)
+      ids, i = [], 0
+      while i < len(b):
+        for n in range(len(b) - i, 0, -1):
+          if b[i:i + n] in p2i:
+            ids.append(p2i[b[i:i + n]])
+            i += n
+            break
+    out[v] = old_emb[np.asarray(ids)].mean(0)
+  return out
+
+
+def _utf8(b):
+  try:
+    b.decode("utf-8")
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+def test_fvt_matches_loop():
+  rng = np.random.default_rng(0)
+  old_in = rng.normal(size=(OLD.vocab_size, 6))
+  old_out = rng.normal(size=(OLD.vocab_size, 6))
+  new_in, new_out = fvt.fvt_embeddings(old_in, old_out, OLD, NEW)
+  np.testing.assert_allclose(new_in, loop_reference(old_in, OLD, NEW), rtol=1e-12)
+  np.testing.assert_allclose(new_out, loop_reference(old_out, OLD, NEW), rtol=1e-12)
+  d = fvt.decompose(OLD, NEW)
+  c = d.counts()
+  assert c["special"] == 3 and c["mean_of_all"] == 2  # <pad>, <x> have no old match
+  assert c["copied"] == 256 + 1  # bytes and "the"
+  # A decomposition spells the new token's bytes exactly.
+  v = NEW.vocab_size - 5
+  assert b"".join(OLD.token_bytes[i] for i in d.flat[d.offsets[v]:d.offsets[v + 1]]) == b" thing"
+
+
+def test_fvt_block_boundaries_do_not_matter():
+  rng = np.random.default_rng(1)
+  old_in = rng.normal(size=(OLD.vocab_size, 3)).astype(np.float32)
+  d = fvt.decompose(OLD, NEW)
+  a = fvt.apply_decomposition(old_in, d, block=7)
+  b = fvt.apply_decomposition(old_in, d, block=100_000)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_fvt_to_bytes_tokenizer_and_wrong_table():
+  new = BytesTokenizer()
+  rng = np.random.default_rng(2)
+  old_in = rng.normal(size=(OLD.vocab_size, 4))
+  out, _ = fvt.fvt_embeddings(old_in, None, OLD, new)
+  np.testing.assert_array_equal(out[:256], old_in[3:259])  # every byte is an old token
+  np.testing.assert_array_equal(out[new.token_to_id("<|im_start|>")], old_in[2])
+  with pytest.raises(ValueError, match="rows but the old tokenizer"):
+    fvt.fvt_embeddings(old_in[:10], None, OLD, new)
+
+
+@pytest.mark.slow
+def test_fvt_real_tokenizers_is_fast():
+  import time  # pylint: disable=import-outside-toplevel
+  import alm  # pylint: disable=import-outside-toplevel
+  from alm import assets  # pylint: disable=import-outside-toplevel
+  if not (assets.is_installed("qwen3") and assets.is_installed("llama3")):
+    pytest.skip("qwen3/llama3 tokenizers not installed")
+  old, new = alm.load_tokenizer("llama3"), alm.load_tokenizer("qwen3")
+  emb = np.random.default_rng(0).normal(size=(old.vocab_size, 8)).astype(np.float32)
+  t0 = time.perf_counter()
+  out, _ = fvt.fvt_embeddings(emb, None, old, new)
+  dt = time.perf_counter() - t0
+  assert out.shape == (new.vocab_size, 8) and np.isfinite(out).all()
+  c = fvt.decompose(old, new).counts()
+  assert c["copied"] > 0.5 * new.vocab_size
+  assert dt < 60, dt
