@@ -97,12 +97,21 @@ def test_special_ids_have_no_bytes(tok):
 
 
 def test_boundary_bytes_brute_force(tok):
-  """Brute-force definition: no token has the byte after a non-whitespace character."""
-  for c in tok.boundary_bytes:
+  """Brute force: a whitespace byte is a boundary unless (more than 0.1% as many as
+  the tokens starting with it) tokens hold it after a non-whitespace character."""
+  ref = set()
+  for c in b" \t\n\r":
+    inside = starting = 0
     for i, t in enumerate(tok.token_bytes):
+      if i in tok.special_ids or not t:
+        continue
+      starting += t[0] == c
       s = t.decode("utf-8", errors="surrogateescape")
       k = next((j for j, ch in enumerate(s) if not ch.isspace()), len(s))
-      assert c not in s[k + 1:].encode("utf-8", errors="surrogateescape"), (c, t)
+      inside += c in s[k + 1:].encode("utf-8", errors="surrogateescape")
+    if inside <= 1e-3 * starting:
+      ref.add(c)
+  assert tok.boundary_bytes == ref
   assert 32 in tok.boundary_bytes  # every real tokenizer starts words with a space
   mask = tok.boundary_token_mask()
   ref = np.array([bool(t) and t[0] in tok.boundary_bytes for t in tok.token_bytes])
