@@ -98,6 +98,11 @@ def _load_path(path: Path, fmt: str | None, *, name: str, **kwargs) -> VocabToke
       if kwargs["specials"] is None:
         del kwargs["specials"]
       return BytesTokenizer(**kwargs)
+    if cfg.get("alm_tokenizer") == "tiktoken":
+      kwargs.setdefault("add_bos", cfg.get("add_bos_token", True))
+      kwargs.setdefault("vocab_size", cfg.get("vocab_size"))
+      return _load_path(path / cfg.get("tokenizer_file", "tekken.json"), "tiktoken", name=name,
+                        **kwargs)
     if (path / "tokenizer.json").exists():
       return _load_path(path / "tokenizer.json", "hf_json", name=name, **kwargs)
     if (path / "tokenizer.model").exists():
