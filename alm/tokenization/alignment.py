@@ -44,25 +44,25 @@ def _check_constraint(constraint: str) -> None:
                      "('boundary_prob' merging is applied in the loss, on device.)")
 
 
-def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (positions of non-special tokens, their end offsets), validated."""
-  special = np.asarray(enc.special, bool)
+def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | None, np.ndarray]:
+  """Returns (positions of non-special tokens or None if all are text, their ends), validated."""
+  special = enc.special
+  ends = enc.ends
   if special.any():
     pos = np.flatnonzero(~special)
+    e = ends[pos]
   else:
-    pos = None
-  ends = np.asarray(enc.ends)
-  e = ends if pos is None else ends[pos]
+    pos, e = None, ends
   n = e.shape[0]
   # Text tokens must tile the text: strictly increasing ends, last == len(text).
-  if n and (e[-1] != len(enc.text) or (n > 1 and not (e[1:] > e[:-1]).all())
-            or e[0] <= 0):
-    raise AlignmentError(
-        f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
-        f"and the last must be len(text)={len(enc.text)}); build it with tokenizer.encode().")
-  if n == 0 and len(enc.text):
+  if n:
+    if e[-1] != len(enc.text) or e[0] <= 0 or (n > 1 and not (e[1:] > e[:-1]).all()):
+      raise AlignmentError(
+          f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
+          f"and the last must be len(text)={len(enc.text)}); build it with tokenizer.encode().")
+  elif len(enc.text):
     raise AlignmentError(f"The {side} encoding has text but no text tokens.")
-  return (np.arange(len(ends)) if pos is None else pos), e
+  return pos, e
 
 
 def _match_specials(t: Encoding, s: Encoding, common: np.ndarray, tokenizers) -> list:
@@ -167,33 +167,58 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
   t_pos, t_end = _text_ends(t, "teacher")
   s_pos, s_end = _text_ends(s, "student")
   n, m = len(t), len(s)
-  t_ids = np.full(n, -1, np.int32)
-  s_ids = np.full(m, -1, np.int32)
 
   # Common ends: both arrays are sorted and unique, so a searchsorted suffices.
   if len(t_end) and len(s_end):
-    j = np.searchsorted(s_end, t_end)
-    hit = s_end[np.minimum(j, len(s_end) - 1)] == t_end
+    hit = s_end.take(np.searchsorted(s_end, t_end), mode="clip") == t_end
     common = t_end[hit]
   else:
+    hit = np.zeros(len(t_end), bool)
     common = t_end[:0]
 
-  has_specials = bool(np.any(t.special)) and bool(np.any(s.special))
+  has_specials = len(t_end) < n and len(s_end) < m
   matched = (_match_specials(t, s, common, (teacher_tokenizer, student_tokenizer))
              if has_specials else [])
 
   kept = common
   drop_last = False
   if constraint != "unconstrained" and len(common):
-    keep, drop_last = _constraint_keep(constraint, t, s, t_pos, t_end, s_pos, s_end, common, hit,
+    t_pos_ = np.arange(n) if t_pos is None else t_pos
+    s_pos_ = np.arange(m) if s_pos is None else s_pos
+    keep, drop_last = _constraint_keep(constraint, t, s, t_pos_, t_end, s_pos_, s_end, common, hit,
                                        matched, bias_tables, gamma, teacher_tokenizer,
                                        student_tokenizer)
     kept = common[keep]
-
-  # Text chunk k covers the text tokens whose ends fall in (kept[k-1], kept[k]].
-  t_chunk = np.searchsorted(kept, t_end)
-  s_chunk = np.searchsorted(kept, s_end)
+    t_chunk = np.searchsorted(kept, t_end).astype(np.int32)
+  else:
+    # Text chunk k covers the text tokens whose ends fall in (kept[k-1], kept[k]].
+    t_chunk = np.cumsum(hit, dtype=np.int32)
+    t_chunk -= hit
+  s_chunk = np.searchsorted(kept, s_end).astype(np.int32, copy=False)
   n_text = len(kept)
+  if not matched and not drop_last and t.loss_mask is None and s.loss_mask is None:
+    # Fast path: the only dropped chunk is the one holding token 0 (chunk 0,
+    # unless token 0 is a special on that side, which is then in no chunk).
+    first_t = t_pos is None or t_pos[0] == 0 if len(t_end) else False
+    first_s = s_pos is None or s_pos[0] == 0 if len(s_end) else False
+    if first_t or first_s:
+      t_chunk -= 1
+      s_chunk -= 1
+    if t_pos is None:
+      t_ids = t_chunk
+    else:
+      t_ids = np.full(n, -1, np.int32)
+      t_ids[t_pos] = t_chunk
+    if s_pos is None:
+      s_ids = s_chunk
+    else:
+      s_ids = np.full(m, -1, np.int32)
+      s_ids[s_pos] = s_chunk
+    return t_ids, s_ids
+  t_ids = np.full(n, -1, np.int32)
+  s_ids = np.full(m, -1, np.int32)
+  t_pos = np.arange(n) if t_pos is None else t_pos
+  s_pos = np.arange(m) if s_pos is None else s_pos
   valid = np.ones(n_text + len(matched), bool)
   if drop_last and n_text:
     valid[n_text - 1] = False

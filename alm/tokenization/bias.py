@@ -35,6 +35,7 @@ import bisect
 import dataclasses
 import json
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def last_token_lengths(tokenizer, texts: Sequence[bytes], batch_size: int = 8192
         pass
     if not strs:
       continue
-    if hf is not None and not nfc:
+    if hf is not None:
+      if nfc:  # NFC would change a non-normalized text: not representable exactly
+        keep = [unicodedata.is_normalized("NFC", x) for x in strs]
+        strs = [x for x, k in zip(strs, keep) if k]
+        idx = [i for i, k in zip(idx, keep) if k]
       encs = hf.encode_batch_fast(strs, add_special_tokens=False)
       for k, e in zip(idx, encs):
         ids = e.ids
