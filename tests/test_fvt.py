@@ -146,3 +146,21 @@ def test_fvt_real_tokenizers_is_fast():
   c = fvt.decompose(old, new).counts()
   assert c["copied"] > 0.5 * new.vocab_size
   assert dt < 60, dt
+
+
+def test_fvt_transformer_shares_the_body_and_matches_on_copied_tokens():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from alm.testing.models import tiny_model  # pylint: disable=import-outside-toplevel
+  teacher = tiny_model("qwen2", vocab_size=OLD.vocab_size, seed=0)  # untied lm_head
+  student = fvt.fvt_transformer(teacher, OLD, NEW)
+  assert student.cfg.vocab_size == NEW.vocab_size
+  assert student.layers[0].attn.q_proj.kernel is teacher.layers[0].attn.q_proj.kernel
+  # Text made only of tokens both vocabularies share (bytes): identical logits
+  # on the shared ids, since every new byte token copies its old embedding.
+  text = b"xyz"
+  t_ids = jnp.asarray([[OLD.token_bytes.index(bytes([c])) for c in text]], jnp.int32)
+  s_ids = jnp.asarray([[NEW.token_bytes.index(bytes([c])) for c in text]], jnp.int32)
+  fwd = nnx.jit(lambda m, i: m(i).logits)
+  lt, ls = np.asarray(fwd(teacher, t_ids)), np.asarray(fwd(student, s_ids))
+  np.testing.assert_allclose(ls[..., 5:5 + 256], lt[..., 3:3 + 256], rtol=1e-5, atol=1e-5)
