@@ -302,7 +302,11 @@ def _one_side(tok_a, covers_a: Covers, probs_a: np.ndarray, pa: np.ndarray, pb: 
           q_cov.append(c)
           q_text.append(bb + y)
           break
-  last = _batched_last_lengths(tok_b, q_text, progress, stage)
+  # Many pairs share (b, y): re-tokenize each distinct text once.
+  uniq: dict[bytes, int] = {}
+  q_idx = np.fromiter((uniq.setdefault(x, len(uniq)) for x in q_text), np.int64, len(q_text))
+  last = _batched_last_lengths(tok_b, list(uniq), progress, stage)[q_idx] if q_text else \
+      np.zeros(0, np.int32)
   ylen = np.array([len(ys[c]) for c in q_cov], np.int32) if q_cov else np.zeros(0, np.int32)
   excluded = last > ylen
   q_pair = np.asarray(q_pair, np.int64)[excluded]
