@@ -152,6 +152,7 @@ class HFTokenizer(VocabTokenizer):
     info = _analyse(_components(tokenizer), name)
     self._nfc = info["nfc"]
     self._dummy_prefix = info["dummy_prefix"]
+    self._spm_space = not info["bytelevel"]
     tok = tokenizer
     tok.encode_special_tokens = True
     tok.no_padding()

@@ -53,6 +53,7 @@ class SentencePieceTokenizer(VocabTokenizer):
     else:
       self._lossy_hint = ""
     self._dummy_prefix = b" " if norm.add_dummy_prefix else b""
+    self._spm_space = True
     sp = self._sp
     n = sp.get_piece_size()
     token_bytes, specials = [], set()
@@ -91,7 +92,7 @@ class SentencePieceTokenizer(VocabTokenizer):
     return self._sp.encode(text)
 
   def _raise_mismatch(self, ids, s, data, spelled, expected):
-    if self._lossy_hint and not (self._unk_id is not None and (ids == self._unk_id).any()):
+    if self._lossy_hint and "\u2581" not in s and not (self._unk_id is not None and (ids == self._unk_id).any()):
       raise TokenizerError(
           f"SentencePiece model {self.name!r} changes this text ({self._lossy_hint}), so its "
           "tokens do not spell the text's bytes. Use a model with the identity normalizer, or "

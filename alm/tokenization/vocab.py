@@ -169,6 +169,7 @@ class VocabTokenizer(ByteTokenizer):
   _dummy_prefix: bytes = b""
   _unk_id: int | None = None
   _nfc: bool = False
+  _spm_space: bool = False  # "▁" in the vocabulary stands for a space (SentencePiece)
 
   # ---- ByteTokenizer contract ----------------------------------------------
 
@@ -242,6 +243,12 @@ class VocabTokenizer(ByteTokenizer):
     if self._eos_id is not None:
       m[self._eos_id] = True
     return m
+
+  @functools.cached_property
+  def single_bytes(self) -> frozenset[int]:
+    """Bytes that some token spells alone (a lossless vocabulary has all of 0x00-0xF4)."""
+    return frozenset(b[0] for i, b in enumerate(self._token_bytes)
+                     if len(b) == 1 and i not in self._special_ids)
 
   @functools.cached_property
   def piece_to_id(self) -> dict[bytes, int]:
@@ -318,6 +325,18 @@ class VocabTokenizer(ByteTokenizer):
           f"Tokenizer {self.name!r} produced its unknown token <unk> (token {pos}): the "
           "text has characters outside its vocabulary and cannot be represented "
           "exactly. Remove or replace those characters, or use a byte-level tokenizer.")
+    missing = sorted(set(data) - self.single_bytes)
+    if missing:
+      raise TokenizerError(
+          f"Tokenizer {self.name!r} has no token for byte(s) "
+          f"{', '.join(f'0x{b:02X}' for b in missing[:5])} of this text (a rare character such as "
+          f"{next(c for c in s if set(c.encode()) & set(missing))!r}), so the library drops "
+          "it. Remove such characters or use a tokenizer with all 256 bytes.")
+    if self._spm_space and "\u2581" in s:
+      raise TokenizerError(
+          f"Tokenizer {self.name!r} is SentencePiece-style: it writes spaces as '▁' (U+2581), so "
+          "a literal '▁' in the text becomes a space and cannot be represented exactly. "
+          "Replace U+2581 in the text (e.g. by '_') before encoding.")
     if self._nfc and not unicodedata.is_normalized("NFC", s):
       raise TokenizerError(
           f"Tokenizer {self.name!r} NFC-normalizes its input and this text is not in NFC "
