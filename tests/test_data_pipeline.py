@@ -278,3 +278,23 @@ def test_sources_and_bad_input(tmp_path):
 
   with pytest.raises(ValueError, match="valid modes: pad, pack"):
     pl.PipelineConfig(mode="packed")
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_batches_and_restore():
+  docs = [{"text": f"{d} {i}"} for i in range(4) for d in DOCS]
+  mk = lambda w: pl.Pipeline(docs, TEACHER, STUDENT, pl.PipelineConfig(
+      batch_size=3, teacher_len=16, student_len=14, mode="pack", long_documents="split",
+      num_workers=w, num_epochs=1))
+  ref = list(mk(0))
+  p = mk(2)
+  got = _take(p, 3)
+  state = json.loads(json.dumps(p.state()))
+  got += list(p)
+  p.close()
+  assert len(got) == len(ref) and _same(ref, got)
+  q = mk(2)
+  q.restore(state)
+  rest = list(q)
+  q.close()
+  assert _same(ref[3:], rest) and len(rest) == len(ref) - 3

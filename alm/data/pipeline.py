@@ -393,6 +393,11 @@ def build_dataset(source, teacher: ByteTokenizer, student: ByteTokenizer,
   ds = ds.map(DocumentProcessor(teacher, student, cfg, align_fn))
   it = ds.to_iter_dataset()
   if cfg.num_workers > 0:
+    # grain's worker processes read absl flags; outside an absl app (a notebook,
+    # pytest) they are unparsed and grain raises: use their defaults then.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   # Worst case a document splits into one piece per `len/1` tokens; bound generously.
   it = grain_exp.FlatMapIterDataset(it, _Flatten(max_fan_out=1 << 20))
