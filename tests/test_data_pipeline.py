@@ -192,19 +192,22 @@ def test_pack_invariants_property(texts):
 def test_chat_loss_mask_covers_assistant_only():
   msgs = [{"role": "user", "content": "the thing?"},
           {"role": "assistant", "content": "and the king"}]
-  text, ranges = pl.render_chat(msgs)
-  assert text.encode()[ranges[0][0]:ranges[0][1]] == b"and the king"
   proc = pl.DocumentProcessor(TEACHER, STUDENT, pl.PipelineConfig(teacher_len=64,
                                                                   student_len=64))
   (ex,) = proc({"messages": msgs})
-  target = b"".join(STUDENT.token_bytes[i]
-                    for i, m in zip(ex["student_ids"], ex["student_loss_mask"]) if m)
-  # A token straddling the header/content border (" an") counts as a target.
-  assert target == b" and the king"
-  # Chunks (the ALM loss) only cover target tokens, on both sides.
-  for side in ("teacher", "student"):
+  for side, tok in (("teacher", TEACHER), ("student", STUDENT)):
+    target = b"".join(tok.token_bytes[i]
+                      for i, m in zip(ex[f"{side}_ids"], ex[f"{side}_loss_mask"]) if m)
+    # A token straddling the header/content border (" an") counts as a target.
+    assert target in (b"and the king", b" and the king"), target
+    # Chunks (the ALM loss) only cover target tokens.
     assert not (ex[f"{side}_chunk_ids"][~ex[f"{side}_loss_mask"]] >= 0).any()
   assert (ex["student_chunk_ids"] >= 0).sum() > 0
+  with pytest.raises(sources.DataError, match=r"x\.jsonl:3: .*no special token .<\|im_start\|>"):
+    pl.DocumentProcessor(TEACHER, STUDENT, pl.PipelineConfig(chat_family="chatml"))(
+        {"messages": msgs, "origin": "x.jsonl:3"})
+  with pytest.raises(ValueError, match="valid values: chatml"):
+    pl.PipelineConfig(chat_family="chatlm")
 
 
 def _take(pipe, n):

@@ -44,6 +44,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from alm.data.sources import DataError
+from alm.tokenization import chat
 from alm.tokenization.alignment import align
 from alm.tokenization.base import ByteTokenizer, Encoding
 
@@ -78,6 +79,11 @@ class PipelineConfig:
     shard_count: number of shards.
     add_eos: append EOS (as text-less special) to plain documents on sides
       whose tokenizer has one, so the model learns where documents end.
+    chat_family: chat template for `messages` documents, used for both sides
+      (`alm.tokenization.chat`): "plain" (a shared "role: content" rendering,
+      default: any two tokenizers), a family ("chatml", "llama3", "gemma",
+      "mistral") whose markers both tokenizers have, or "auto" (the teacher's).
+      Loss masks cover assistant contents and their end-of-turn markers.
   """
 
   batch_size: int = 8
@@ -94,6 +100,7 @@ class PipelineConfig:
   shard_index: int = 0
   shard_count: int = 1
   add_eos: bool = False
+  chat_family: str = "plain"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -109,47 +116,15 @@ class PipelineConfig:
     if not 0 <= self.shard_index < self.shard_count:
       raise ValueError(f"Need 0 <= shard_index < shard_count, got {self.shard_index}, "
                        f"{self.shard_count}.")
+    if self.chat_family not in chat.FAMILIES + ("auto",):
+      raise ValueError(f"Unknown chat_family {self.chat_family!r}; valid values: "
+                       f"{', '.join(chat.FAMILIES + ('auto',))}.")
     if self.num_workers < 0:
       raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
 
 
 # ---------------------------------------------------------------------------
 # Per-document work (runs in the workers).
-
-
-def render_chat(messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-  """Renders a chat as plain text, with the byte ranges of assistant content.
-
-  A tokenizer-neutral rendering ("<role>: content" blocks separated by blank
-  lines) so that teacher and student see the same bytes; the assistant turns'
-  content bytes are the training targets (a token that overlaps them at all
-  counts as a target, e.g. " and" straddling "assistant:" and "and").
-
-  Args:
-    messages: [{"role": ..., "content": ...}, ...].
-
-  Returns:
-    (text, target byte ranges [(start, end), ...]).
-  """
-  parts: list[bytes] = []
-  ranges: list[tuple[int, int]] = []
-  pos = 0
-  for i, m in enumerate(messages):
-    head = (("\n\n" if i else "") + f"{m['role']}: ").encode("utf-8")
-    body = m["content"].encode("utf-8")
-    parts += [head, body]
-    pos += len(head)
-    if m["role"] == "assistant":
-      ranges.append((pos, pos + len(body)))
-    pos += len(body)
-  return b"".join(parts).decode("utf-8"), ranges
-
-
-def _target_mask(enc: Encoding, ranges: list[tuple[int, int]]) -> np.ndarray:
-  m = np.zeros(len(enc), bool)
-  for a, b in ranges:
-    m |= (enc.starts < b) & (enc.ends > a) & ~enc.special
-  return m
 
 
 def _with_eos(enc: Encoding, tok: ByteTokenizer) -> Encoding:
@@ -218,23 +193,27 @@ class DocumentProcessor:
     Plain documents keep `loss_mask=None` (every token a target) so that the
     alignment keeps chunks of special tokens matched on both sides.
     """
-    ranges = None
-    if "messages" in doc:
-      text, ranges = render_chat(doc["messages"])
-    else:
-      text = doc["text"]
     encs = []
     for tok in (self.teacher, self.student):
       try:
-        enc = tok.encode(text)
+        if "messages" in doc:
+          family = self.cfg.chat_family
+          if family == "auto":
+            family = chat.detect_family(self.teacher)
+          enc = chat.render_chat(tok, doc["messages"], family=family)
+        else:
+          enc = tok.encode(doc["text"])
+          if self.cfg.add_eos:
+            enc = _with_eos(enc, tok)
       except ValueError as e:  # TokenizerError: name the document that caused it
         raise DataError(f"{doc.get('origin', '?')}: cannot tokenize with "
                         f"{getattr(tok, 'name', tok)!r}: {e}") from e
-      if ranges is not None:
-        enc = dataclasses.replace(enc, loss_mask=_target_mask(enc, ranges))
-      elif self.cfg.add_eos:
-        enc = _with_eos(enc, tok)
       encs.append(enc)
+    if encs[0].text != encs[1].text:
+      raise DataError(
+          f"{doc.get('origin', '?')}: the chat template {self.cfg.chat_family!r} renders "
+          "different texts for the teacher and the student tokenizers, which cannot be "
+          "aligned; use chat_family='plain' or a family whose markers both tokenizers have.")
     return encs[0], encs[1]
 
   def __call__(self, doc: dict[str, Any]) -> list[dict[str, np.ndarray]]:
