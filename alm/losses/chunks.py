@@ -1,0 +1,300 @@
+"""Token and chunk log-likelihoods without a [B, T, V] float32 tensor.
+
+ALM compares the log-likelihoods of aligned chunks of tokens (SPEC section 3).
+A chunk's log-likelihood needs only two numbers per position out of the whole
+next-token distribution: the log-prob of the observed next token, and
+(for outcome-chunk debiasing) the log-prob that the next token starts with a
+pretoken-boundary byte. Both are log-sum-exps over the vocabulary, so this
+module reduces logits to per-position scalars in one fused pass over the
+vocabulary (`vocab_logsumexps`) whose backward pass is written by hand: the
+only [B, T, V] array it ever creates is the gradient itself, in the logits'
+dtype, exactly as plain cross-entropy does.
+
+Chunks are given as one int32 chunk id per token (-1 = in no chunk), as
+produced by `alm.align`; per-chunk quantities are per-row segment sums.
+
+Conventions used by every loss in `alm.losses`:
+  * Token `t`'s log-prob is read from the logits at position `t - 1`; position
+    0 is never predicted (its log-prob is 0 and it makes its chunk invalid).
+  * The boundary log-prob at position `t` is
+    `log sum_{v in mask} p(v | tokens <= t)`, i.e. it is read at a chunk's last
+    token and concerns the token that follows the chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_LOG2 = math.log(2.0)
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+  """`log(1 - exp(x))` for `x <= 0`, accurate everywhere (Maechler, 2012).
+
+  Uses `log(-expm1(x))` near 0 and `log1p(-exp(x))` below `-log 2`; each
+  branch only ever sees inputs that are safe for it (the "double where"), so
+  the gradient is finite for every `x < 0`. At `x = 0` the value is `-inf`:
+  callers keep `x` strictly negative.
+
+  Args:
+    x: array of non-positive values.
+
+  Returns:
+    `log(1 - exp(x))`, same shape and dtype.
+  """
+  near_zero = x > -_LOG2
+  x_near = jnp.where(near_zero, x, -1.0)
+  x_far = jnp.where(near_zero, -1.0, x)
+  return jnp.where(near_zero, jnp.log(-jnp.expm1(x_near)),
+                   jnp.log1p(-jnp.exp(x_far)))
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary reductions.
+# ---------------------------------------------------------------------------
+
+
+def _stats_fwd_math(logits, targets, mask):
+  """Returns (lse, masked_lse, picked) as float32 [...]; fused by XLA."""
+  f32 = jnp.float32
+  m = jnp.max(logits, axis=-1).astype(f32)  # [B, T]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  picked = picked.astype(f32)
+  if mask is None:
+    e = jnp.exp(logits.astype(f32) - m[..., None])
+    lse = m + jnp.log(jnp.sum(e, axis=-1))
+    return lse, None, picked
+  # The masked maximum keeps the masked log-sum-exp exact even when every
+  # masked logit is > 88 below the overall maximum (exp would underflow). One
+  # exp per element: masked entries are shifted by their own maximum.
+  neg_inf = jnp.array(-jnp.inf, logits.dtype)
+  mm = jnp.max(jnp.where(mask, logits, neg_inf), axis=-1).astype(f32)
+  mm = jnp.where(jnp.isfinite(mm), mm, m)  # an empty mask: any finite shift
+  shift = jnp.where(mask, mm[..., None], m[..., None])
+  e = jnp.exp(logits.astype(f32) - shift)  # never stored: fused into sums
+  s_masked = jnp.sum(jnp.where(mask, e, 0.0), axis=-1)
+  s_rest = jnp.sum(jnp.where(mask, 0.0, e), axis=-1)
+  # log(S_rest * e^m + S_masked * e^mm), computed around the larger shift.
+  big = jnp.maximum(m, mm)
+  lse = big + jnp.log(s_rest * jnp.exp(m - big) + s_masked * jnp.exp(mm - big))
+  masked_lse = mm + jnp.log(s_masked)  # -inf only for an empty mask
+  return lse, masked_lse, picked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _vocab_stats(logits, targets, mask, has_mask):
+  mask = mask if has_mask else None
+  return _stats_fwd_math(logits, targets, mask)
+
+
+def _vocab_stats_fwd(logits, targets, mask, has_mask):
+  out = _vocab_stats(logits, targets, mask, has_mask)
+  lse, masked_lse, _ = out
+  # Residuals are the logits (alive anyway) and [B, T] scalars only.
+  return out, (logits, targets, mask, lse, masked_lse)
+
+
+def _vocab_stats_bwd(has_mask, res, g):
+  logits, targets, mask, lse, masked_lse = res
+  g_lse, g_mlse, g_picked = g
+  f32 = jnp.float32
+  x = logits.astype(f32)
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  onehot = vocab == targets[..., None]
+  # d lse = softmax, d masked_lse = masked softmax, d picked = onehot.
+  grad = jnp.where(onehot, g_picked[..., None], 0.0)
+  if has_mask:
+    # One exp per element: masked entries use exp(x - masked_lse) and rescale
+    # to exp(x - lse) by the (<= 1) per-row factor exp(masked_lse - lse).
+    safe_mlse = jnp.where(jnp.isfinite(masked_lse), masked_lse, lse)
+    shift = jnp.where(mask, safe_mlse[..., None], lse[..., None])
+    e = jnp.exp(x - shift)
+    ratio = jnp.exp(safe_mlse - lse)[..., None]
+    grad = grad + jnp.where(
+        mask, e * (g_mlse[..., None] + g_lse[..., None] * ratio),
+        e * g_lse[..., None])
+  else:
+    grad = grad + jnp.exp(x - lse[..., None]) * g_lse[..., None]
+  return grad.astype(logits.dtype), None, None
+
+
+_vocab_stats.defvjp(_vocab_stats_fwd, _vocab_stats_bwd)
+
+
+def vocab_logsumexps(
+    logits: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """Log-sum-exps and picked logits of every position, in one fused pass.
+
+  `lse[b, t] = log sum_v exp(logits[b, t, v])`,
+  `masked_lse[b, t] = log sum_{v : mask[v]} exp(logits[b, t, v])`,
+  `picked[b, t] = logits[b, t, targets[b, t]]`, all in float32.
+
+  The forward pass reduces over the vocabulary without storing a float32 copy
+  of the logits; the backward pass writes the gradient
+  `g_lse * softmax + g_mlse * masked_softmax + g_picked * onehot` in one
+  elementwise pass in the logits' dtype (bf16 logits get a bf16 gradient).
+
+  Args:
+    logits: [B, T, V] (any float dtype).
+    targets: int [B, T] vocabulary ids (read only by `picked`).
+    mask: optional bool [V].
+
+  Returns:
+    (lse, masked_lse or None, picked), each float32 [B, T].
+  """
+  if logits.ndim != 3:
+    raise ValueError(f"logits must be [B, T, V], got shape {logits.shape}")
+  if targets.shape != logits.shape[:2]:
+    raise ValueError(
+        f"ids must be [B, T] = {logits.shape[:2]} to match the logits, got "
+        f"{targets.shape}")
+  if mask is not None and mask.shape != logits.shape[-1:]:
+    raise ValueError(
+        f"boundary mask must be bool [V] = [{logits.shape[-1]}] (one entry per "
+        f"vocabulary id of this model), got shape {mask.shape}")
+  targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
+  has_mask = mask is not None
+  mask_arg = mask.astype(bool) if has_mask else jnp.zeros((0,), bool)
+  return _vocab_stats(logits, targets, mask_arg, has_mask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLogProbs:
+  """Per-position log-probs of one model on its own tokens.
+
+  Attributes:
+    path: float32 [B, T]; `path[b, t] = log p(ids[b, t] | ids[b, <t])` for
+      `t >= 1`, and 0 at `t = 0` (never predicted).
+    boundary: float32 [B, T] or None; `log sum_{v in mask} p(v | ids[b, <=t])`,
+      the probability that the token after position t starts with a
+      pretoken-boundary byte (or is EOS).
+  """
+
+  path: jax.Array
+  boundary: jax.Array | None
+
+
+def token_logprobs(
+    logits: jax.Array,
+    ids: jax.Array,
+    boundary_mask: jax.Array | None = None,
+) -> TokenLogProbs:
+  """Next-token log-probs along the observed path, and boundary log-probs.
+
+  `path[b, t] = logits[b, t-1, ids[b, t]] - logsumexp(logits[b, t-1])`
+  (`path[:, 0] = 0`), and, with a mask,
+  `boundary[b, t] = logsumexp(logits[b, t, mask]) - logsumexp(logits[b, t])`
+  (SPEC section 3).
+
+  Args:
+    logits: [B, T, V] logits of the model on `ids` (any float dtype).
+    ids: int [B, T] token ids.
+    boundary_mask: optional bool [V]: tokens whose first byte is a
+      pretoken-boundary byte, or EOS (`tokenizer.boundary_token_mask()`).
+
+  Returns:
+    A `TokenLogProbs`.
+  """
+  targets = jnp.concatenate(
+      [ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next token
+  lse, masked_lse, picked = vocab_logsumexps(logits, targets, boundary_mask)
+  path = jnp.pad((picked - lse)[:, :-1], ((0, 0), (1, 0)))
+  boundary = None if masked_lse is None else masked_lse - lse
+  return TokenLogProbs(path=path, boundary=boundary)
+
+
+# ---------------------------------------------------------------------------
+# Per-chunk reductions.
+# ---------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkLogProbs:
+  """Per-chunk quantities of one side (teacher or student), [B, C] each.
+
+  Attributes:
+    path: sum of the path log-probs of the chunk's tokens (float32).
+    boundary: boundary log-prob read at the chunk's last token, or None.
+    present: the chunk has at least one token on this side.
+    valid: present, and every token is predicted (not position 0) and inside
+      the loss mask: only then is `path` the chunk's full log-likelihood.
+    last: position of the chunk's last token (0 where not present).
+  """
+
+  path: jax.Array
+  boundary: jax.Array | None
+  present: jax.Array
+  valid: jax.Array
+  last: jax.Array
+
+
+def _row_segment_sum(values, seg, num):
+  return jax.vmap(
+      lambda v, s: jax.ops.segment_sum(v, s, num_segments=num))(values, seg)
+
+
+def _row_segment_max(values, seg, num):
+  return jax.vmap(
+      lambda v, s: jax.ops.segment_max(v, s, num_segments=num))(values, seg)
+
+
+def check_chunk_ids(chunk_ids: jax.Array, ids: jax.Array, name: str) -> None:
+  """Raises a clear error when chunk ids do not match their token ids."""
+  if chunk_ids.shape != ids.shape:
+    raise ValueError(
+        f"{name} chunk ids must have one entry per token, shape {ids.shape}; got "
+        f"{chunk_ids.shape}. Pass the arrays returned by alm.align/align_batch.")
+  if not jnp.issubdtype(chunk_ids.dtype, jnp.integer):
+    raise ValueError(f"{name} chunk ids must be integers, got {chunk_ids.dtype}")
+
+
+def chunk_logprobs(
+    tok: TokenLogProbs,
+    chunk_ids: jax.Array,
+    num_chunks: int,
+    loss_mask: jax.Array | None = None,
+) -> ChunkLogProbs:
+  """Chunk log-likelihoods `L_c = sum_{i in c} l_i` as per-row segment sums.
+
+  Args:
+    tok: the side's `TokenLogProbs` ([B, T]).
+    chunk_ids: int [B, T]; chunk id per token, -1 for tokens in no chunk.
+    num_chunks: static C; ids >= C are ignored (use max tokens per row).
+    loss_mask: optional bool [B, T]; a chunk with any token outside the mask
+      is invalid (its likelihood would mix trained and untrained text).
+
+  Returns:
+    A `ChunkLogProbs` with [B, C] arrays.
+  """
+  b, t = chunk_ids.shape
+  cid = chunk_ids.astype(jnp.int32)
+  inside = (cid >= 0) & (cid < num_chunks)
+  seg = jnp.where(inside, cid, num_chunks)  # an overflow bucket, dropped
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  bad = pos == 0
+  if loss_mask is not None:
+    bad = bad | ~loss_mask.astype(bool)
+  n_tok = _row_segment_sum(inside.astype(jnp.int32), seg, num_chunks + 1)
+  n_bad = _row_segment_sum((inside & bad).astype(jnp.int32), seg,
+                           num_chunks + 1)
+  path = _row_segment_sum(jnp.where(inside, tok.path, 0.0), seg,
+                          num_chunks + 1)
+  last = _row_segment_max(jnp.where(inside, pos, -1), seg, num_chunks + 1)
+  present = n_tok[:, :-1] > 0
+  last = jnp.where(present, last[:, :-1], 0)
+  boundary = None
+  if tok.boundary is not None:
+    boundary = jnp.take_along_axis(tok.boundary, last, axis=1)
+  return ChunkLogProbs(
+      path=path[:, :-1], boundary=boundary, present=present,
+      valid=present & (n_bad[:, :-1] == 0), last=last)

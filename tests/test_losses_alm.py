@@ -1,0 +1,327 @@
+"""ALM loss: values and gradients against the float64 numpy reference."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import losses_reference as ref
+from alm.losses import alm as alm_lib
+from alm.losses import chunks as chunks_lib
+
+DIVERGENCES = ("kl", "tv", "reverse_kl")
+CONSTRAINTS = ("unconstrained", "space", "boundary_prob", "unbiased")
+
+
+def random_chunk_ids(rng, b, tt, ts, specials=True):
+  """Chunk ids for both sides: contiguous 0..C-1, padding and lone specials."""
+  out_t = -np.ones((b, tt), np.int32)
+  out_s = -np.ones((b, ts), np.int32)
+  for i in range(b):
+    c = rng.integers(2, (min(tt, ts) + 1) // 3 + 1)
+    for out, t in ((out_t, tt), (out_s, ts)):
+      sizes = rng.integers(1, 3, size=c)
+      pos = 0
+      for k, n in enumerate(sizes):
+        if specials and k and rng.random() < 0.3 and pos + n < t:
+          pos += 1  # an unmatched special token: chunk id -1
+        out[i, pos:pos + n] = k
+        pos += n
+      assert pos <= t
+  return out_t, out_s
+
+
+def random_side(rng, b, t, v, chunk_ids, scale=2.0):
+  return dict(
+      logits=rng.normal(size=(b, t, v)).astype(np.float32) * scale,
+      ids=rng.integers(0, v, size=(b, t)).astype(np.int32),
+      chunk_ids=chunk_ids,
+      loss_mask=rng.random((b, t)) < 0.9,
+      boundary_mask=rng.random(v) < 0.4,
+  )
+
+
+def random_batch(seed, b=3, tt=12, ts=11, vt=13, vs=9):
+  rng = np.random.default_rng(seed)
+  ct, cs = random_chunk_ids(rng, b, tt, ts)
+  teacher = random_side(rng, b, tt, vt, ct)
+  student = random_side(rng, b, ts, vs, cs)
+  bias = (rng.random((b, min(tt, ts))) * 0.5, rng.random((b, min(tt, ts))) * 0.5)
+  return teacher, student, bias
+
+
+def to_side(d, dtype=jnp.float32):
+  return alm_lib.Side(
+      logits=jnp.asarray(d["logits"], dtype), ids=jnp.asarray(d["ids"]),
+      chunk_ids=jnp.asarray(d["chunk_ids"]),
+      loss_mask=None if d.get("loss_mask") is None else jnp.asarray(d["loss_mask"]),
+      boundary_mask=(None if d.get("boundary_mask") is None
+                     else jnp.asarray(d["boundary_mask"])))
+
+
+@functools.partial(jax.jit, static_argnames=("configs",))
+def _multi_loss_and_grad(t, s, cb, configs):
+  """Losses and student-logit gradients for several configs in one compile."""
+  outs = []
+  for config in configs:
+    def f(logits):
+      s2 = alm_lib.Side(logits, s.ids, s.chunk_ids, s.loss_mask, s.boundary_mask)
+      out = alm_lib.alm_loss(t, s2, config, chunk_bias=cb)
+      return out.mean(), out
+    outs.append(jax.value_and_grad(f, has_aux=True)(s.logits))
+  return outs
+
+
+def jax_losses_and_grads(teacher, student, configs, bias=None,
+                         dtype=jnp.float32):
+  t, s = to_side(teacher, dtype), to_side(student, dtype)
+  cb = None if bias is None else alm_lib.ChunkBias(*map(jnp.asarray, bias))
+  return [(loss, out, grad) for (loss, out), grad in
+          _multi_loss_and_grad(t, s, cb, tuple(configs))]
+
+
+def jax_loss_and_grad(teacher, student, config, bias=None, dtype=jnp.float32):
+  return jax_losses_and_grads(teacher, student, [config], bias, dtype)[0]
+
+
+def test_token_logprobs_match_reference():
+  teacher, _, _ = random_batch(0)
+  x = jnp.asarray(teacher["logits"])
+  tok = chunks_lib.token_logprobs(x, jnp.asarray(teacher["ids"]),
+                                  jnp.asarray(teacher["boundary_mask"]))
+  path, bnd = ref.token_logprobs(teacher["logits"], teacher["ids"],
+                                 teacher["boundary_mask"])
+  np.testing.assert_allclose(tok.path, path, atol=2e-5)
+  np.testing.assert_allclose(tok.boundary, bnd, atol=2e-5)
+
+
+def test_masked_logsumexp_exact_when_masked_logits_are_far_below():
+  x = np.zeros((1, 2, 6), np.float32)
+  x[..., 3:] = -400.0  # exp underflows in float32 relative to the max
+  mask = np.array([0, 0, 0, 1, 1, 1], bool)
+  lse, mlse, _ = chunks_lib.vocab_logsumexps(
+      jnp.asarray(x), jnp.zeros((1, 2), jnp.int32), jnp.asarray(mask))
+  np.testing.assert_allclose(mlse, -400.0 + np.log(3.0), rtol=1e-6)
+  np.testing.assert_allclose(lse, np.log(3.0), rtol=1e-6)
+
+
+def test_loss_and_grad_match_reference():
+  teacher, student, bias = random_batch(3, b=4, tt=16, ts=15)
+  combos = list(itertools.product(DIVERGENCES, CONSTRAINTS))
+  # tau small enough that chunk probabilities are far from 1 and from 0.
+  configs = [alm_lib.ALMConfig(divergence=d, tau=3.0, constraint=c, gamma=0.35)
+             for d, c in combos]
+  results = jax_losses_and_grads(teacher, student, configs, bias)
+  counts = set()
+  for (div, con), (loss, out, grad) in zip(combos, results):
+    r_loss, _, r_count, r_grad = ref.alm(
+        teacher, student, divergence_kind=div, tau=3.0, constraint=con,
+        gamma=0.35, bias=bias)
+    assert int(out.count) == r_count and r_count > 2, (div, con)
+    counts.add(r_count)
+    np.testing.assert_allclose(loss, r_loss, rtol=2e-5, atol=1e-7,
+                               err_msg=f"{div} {con}")
+    np.testing.assert_allclose(grad, r_grad, rtol=1e-4, atol=2e-7,
+                               err_msg=f"{div} {con}")
+  assert len(counts) == 4  # the constraints really merged differently
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_default_config_and_debias_switch(debias):
+  teacher, student, _ = random_batch(2)
+  config = alm_lib.ALMConfig(debias=debias)
+  loss, _, grad = jax_loss_and_grad(teacher, student, config)
+  r_loss, _, _, r_grad = ref.alm(teacher, student, debias=debias, tau=100.0)
+  np.testing.assert_allclose(loss, r_loss, rtol=1e-4)
+  np.testing.assert_allclose(grad, r_grad, rtol=1e-3, atol=1e-9)
+
+
+def test_reference_gradient_matches_finite_differences():
+  """The hand-derived reference gradient itself, in float64."""
+  teacher, student, _ = random_batch(3, b=2, tt=7, ts=6, vt=5, vs=4)
+  for div in DIVERGENCES:
+    kw = dict(divergence_kind=div, tau=2.0)
+    _, _, _, g = ref.alm(teacher, student, **kw)
+    rng = np.random.default_rng(0)
+    coords = [tuple(rng.integers(0, n) for n in g.shape) for _ in range(6)]
+    coords.append(tuple(np.unravel_index(np.argmax(np.abs(g)), g.shape)))
+    for idx in coords:
+      h = 1e-6
+      sp = dict(student, logits=student["logits"].astype(np.float64).copy())
+      sm = dict(student, logits=student["logits"].astype(np.float64).copy())
+      sp["logits"][idx] += h
+      sm["logits"][idx] -= h
+      fd = (ref.alm(teacher, sp, **kw)[0] - ref.alm(teacher, sm, **kw)[0]) / (2 * h)
+      assert abs(fd - g[idx]) < 1e-6 + 1e-5 * abs(g[idx]), (div, idx, fd, g[idx])
+
+
+def test_jax_gradient_matches_finite_differences_in_float64():
+  teacher, student, bias = random_batch(4)
+  with jax.enable_x64(True):
+    for div, con in [("kl", "boundary_prob"), ("reverse_kl", "space"),
+                     ("tv", "unconstrained")]:
+      config = alm_lib.ALMConfig(divergence=div, tau=4.0, constraint=con)
+      f = lambda x: jax_loss_and_grad(teacher, dict(student, logits=x),
+                                      config, bias, dtype=jnp.float64)
+      x = student["logits"].astype(np.float64)
+      loss, _, g = f(x)
+      assert g.dtype == jnp.float64
+      rng = np.random.default_rng(1)
+      for _ in range(4):
+        idx = tuple(rng.integers(0, n) for n in x.shape)
+        h = 1e-5
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        fd = (f(xp)[0] - f(xm)[0]) / (2 * h)
+        np.testing.assert_allclose(g[idx], fd, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_identical_student_has_zero_loss_and_gradient(dtype):
+  teacher, _, bias = random_batch(5, tt=10, ts=10, vt=9, vs=9)
+  # Same model, same tokenizer: every token is its own chunk on both sides.
+  cids = np.where(np.arange(10)[None] < np.array([[10], [7], [9]]),
+                  np.arange(10)[None], -1).astype(np.int32)
+  side = dict(teacher, chunk_ids=cids, logits=teacher["logits"] * 8)
+  configs = [alm_lib.ALMConfig(divergence=d, constraint=c, tau=tau)
+             for d, c in itertools.product(DIVERGENCES, CONSTRAINTS)
+             for tau in (1.0, 100.0)]
+  results = jax_losses_and_grads(side, side, configs, bias, dtype)
+  for config, (loss, out, grad) in zip(configs, results):
+    assert out.count > 0
+    assert float(loss) == 0.0, config
+    assert not np.any(np.asarray(grad, np.float32)), config
+
+
+def test_padding_specials_and_empty_chunk_slots_change_nothing():
+  teacher, student, _ = random_batch(6)
+  config = alm_lib.ALMConfig(tau=5.0)
+  loss, _, grad = jax_loss_and_grad(teacher, student, config)
+
+  def insert(side, pos, pad_at_end):
+    # A token in no chunk at `pos`. Row pos-1 (the last token before it) still
+    # gives the boundary probability; a copy of it, now at row pos, predicts
+    # the old token at pos: the context a real model would see differs only
+    # by the special token itself.
+    logits = np.insert(side["logits"], pos, side["logits"][:, pos - 1], axis=1)
+    ids = np.insert(side["ids"], pos, 1, axis=1)
+    cids = np.insert(side["chunk_ids"], pos, -1, axis=1)
+    lm = np.insert(side["loss_mask"], pos, True, axis=1)
+    out = dict(side, logits=logits, ids=ids, chunk_ids=cids, loss_mask=lm)
+    if pad_at_end:
+      out = dict(out, logits=np.pad(out["logits"], ((0, 0), (0, 3), (0, 0))),
+                 ids=np.pad(out["ids"], ((0, 0), (0, 3))),
+                 chunk_ids=np.pad(out["chunk_ids"], ((0, 0), (0, 3)),
+                                  constant_values=-1),
+                 loss_mask=np.pad(out["loss_mask"], ((0, 0), (0, 3))))
+    return out
+
+  # The special goes between two chunks (or into padding) in every row.
+  cs = student["chunk_ids"]
+  pos = None
+  for p in range(2, cs.shape[1]):
+    if all(cs[i, p] != cs[i, p - 1] or cs[i, p] == -1 for i in range(cs.shape[0])):
+      pos = p
+      break
+  assert pos is not None
+  s2 = insert(student, pos, pad_at_end=True)
+  t2 = dict(  # teacher: padding only
+      teacher, logits=np.pad(teacher["logits"], ((0, 0), (0, 2), (0, 0))),
+      ids=np.pad(teacher["ids"], ((0, 0), (0, 2))),
+      chunk_ids=np.pad(teacher["chunk_ids"], ((0, 0), (0, 2)), constant_values=-1),
+      loss_mask=np.pad(teacher["loss_mask"], ((0, 0), (0, 2))))
+  loss2, _, grad2 = jax_loss_and_grad(t2, s2, config)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
+  g2 = np.asarray(grad2)[:, :-3].copy()
+  g2[:, pos - 1] += g2[:, pos]  # the two copies of row pos-1
+  np.testing.assert_allclose(np.delete(g2, pos, axis=1), grad, rtol=1e-5,
+                             atol=1e-8)
+  # More chunk slots than chunks: identical.
+  t, s = to_side(teacher), to_side(student)
+  a = alm_lib.alm_loss(t, s, config)
+  b = alm_lib.alm_loss(t, s, config, num_chunks=40)
+  np.testing.assert_allclose(a.total, b.total, rtol=1e-6)
+  assert a.count == b.count
+
+
+def test_micro_batches_give_the_full_batch_loss_and_gradient():
+  teacher, student, _ = random_batch(7, b=4)
+  config = alm_lib.ALMConfig(tau=5.0)
+  loss, out, grad = jax_loss_and_grad(teacher, student, config)
+  totals, grads, counts = 0.0, [], 0.0
+  for sl in (slice(0, 1), slice(1, 4)):
+    part = lambda d: {k: (v[sl] if k != "boundary_mask" else v) for k, v in d.items()}
+    _, o, g = jax_loss_and_grad(part(teacher), part(student), config)
+    # jax_loss_and_grad returns grad of the micro-batch mean: undo it.
+    totals += float(o.total)
+    counts += float(o.count)
+    grads.append(np.asarray(g) * max(float(o.count), 1.0))
+  np.testing.assert_allclose(totals / counts, loss, rtol=1e-6)
+  np.testing.assert_allclose(np.concatenate(grads) / counts, grad, rtol=1e-5,
+                             atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_no_nan_or_inf_at_extreme_likelihoods_and_temperatures(dtype):
+  # Chunk log-likelihoods from exactly 0 to about -1e4, tau from 1 to 1e4.
+  rng = np.random.default_rng(8)
+  b, t, v = 2, 10, 7
+  cids = np.tile(np.arange(t, dtype=np.int32) // 2, (b, 1))
+  ids = rng.integers(0, v, (b, t)).astype(np.int32)
+  scale = np.array([0.0, 1.0, 30.0, 300.0, 5000.0])[:, None]
+  logits_t = np.zeros((b, t, v), np.float32)
+  logits_s = np.zeros((b, t, v), np.float32)
+  for i in range(b):
+    for j in range(t - 1):
+      sgn = 1.0 if (i + j) % 2 else -1.0
+      logits_t[i, j, ids[i, j + 1]] = sgn * scale[j % 5, 0]
+      logits_s[i, j, ids[i, j + 1]] = -sgn * scale[(j + 2) % 5, 0]
+  mask = np.arange(v) < 2
+  teacher = dict(logits=logits_t, ids=ids, chunk_ids=cids, boundary_mask=mask)
+  student = dict(logits=logits_s, ids=ids, chunk_ids=cids, boundary_mask=mask)
+  configs = [alm_lib.ALMConfig(divergence=div, tau=tau)
+             for div, tau in itertools.product(DIVERGENCES, (1.0, 100.0, 1e4))]
+  results = jax_losses_and_grads(teacher, student, configs, dtype=dtype)
+  for config, (loss, out, grad) in zip(configs, results):
+    assert np.isfinite(float(loss)) and out.count > 0
+    assert np.all(np.isfinite(np.asarray(grad, np.float32))), config
+
+
+def test_divergence_is_finite_on_a_grid():
+  ls = -np.concatenate([[0.0, 1e-38, 1e-30, 1e-12], np.logspace(-8, 4, 13)])
+  for div, tau in itertools.product(DIVERGENCES, (1.0, 100.0, 1e4)):
+    la, lb = np.meshgrid(ls / tau, ls / tau)
+    la = jnp.minimum(jnp.asarray(la, jnp.float32), -1e-7)
+    lb = jnp.minimum(jnp.asarray(lb, jnp.float32), -1e-7)
+    f = lambda a, b: alm_lib.binarised_divergence(a, b, div).sum()
+    d = alm_lib.binarised_divergence(la, lb, div)
+    ga, gb = jax.grad(f, argnums=(0, 1))(la, lb)
+    assert np.all(np.isfinite(d)) and np.all(np.asarray(d) >= -1e-6)
+    assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
+    diag = np.arange(len(ls))
+    assert not np.any(np.asarray(d)[diag, diag])
+    assert not np.any(np.asarray(gb)[diag, diag])
+
+
+def test_bad_options_and_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="choose one of"):
+    alm_lib.ALMConfig(divergence="kld")
+  with pytest.raises(ValueError, match="choose one of"):
+    alm_lib.ALMConfig(constraint="unbiassed")
+  with pytest.raises(ValueError, match="tau"):
+    alm_lib.ALMConfig(tau=0.0)
+  teacher, student, _ = random_batch(0)
+  t, s = to_side(teacher), to_side(student)
+  with pytest.raises(ValueError, match="boundary_mask"):
+    alm_lib.alm_loss(t, alm_lib.Side(s.logits, s.ids, s.chunk_ids))
+  with pytest.raises(ValueError, match="chunk_bias"):
+    alm_lib.alm_loss(t, s, alm_lib.ALMConfig(constraint="unbiased"))
+  with pytest.raises(ValueError, match="one entry per token"):
+    alm_lib.alm_loss(t, alm_lib.Side(s.logits, s.ids, s.chunk_ids[:, :-1],
+                                     boundary_mask=s.boundary_mask))
