@@ -46,9 +46,12 @@ def _check_constraint(constraint: str) -> None:
 
 def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | None, np.ndarray]:
   """Returns (positions of non-special tokens or None if all are text, their ends), validated."""
+  # Specials, and zero-length text tokens (a SentencePiece dummy-prefix piece
+  # whose byte was stripped), cover no bytes: they are in no text chunk.
   special = enc.special
   ends = enc.ends
-  if special.any():
+  if special.any() or (ends[:1] == enc.starts[:1]).any():
+    special = special | (ends == enc.starts)
     pos = np.flatnonzero(~special)
     e = ends[pos]
   else:
