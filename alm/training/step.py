@@ -1,0 +1,302 @@
+"""The jit-compiled train step: losses, exact gradient accumulation, mesh.
+
+The model is split once into `(graphdef, trainable, frozen)` with the explicit
+filter of `alm.training.model.trainable_filter`; the step is a pure function
+of `(trainable, opt_state, frozen, batch, consts)` compiled with `jax.jit`,
+donating `trainable` and `opt_state`.
+
+Loss terms and their global-batch means. Every loss in `alm.losses` returns
+a `LossSum` (sum over items, item count). The objective is
+`sum_k w_k * T_k / C_k` where `T_k` and `C_k` are the term's sum and count
+over the *global* batch (all micro-batches, all devices). The counts never
+depend on the trained parameters, so
+
+    grad = sum_k (w_k / C_k) * sum_micro grad(T_k, micro)
+
+is exact for any split into micro-batches. With one micro-batch the step
+does a single backward pass with cotangent `w_k / C_k`; with several, each
+micro-batch's forward is differentiated once per loss term (`jax.vjp`,
+reusing the forward) and the per-term gradient sums are combined at the end.
+
+Multi-device: the batch is sharded over the mesh's data (and fsdp) axes and
+the parameters by their logical axes (`alm.models.sharding`); the step is
+written for global arrays, so GSPMD inserts the collectives and the means
+above are global without any `psum` in user code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alm.losses import alm as alm_loss_lib
+from alm.losses import chunks as chunks_lib
+from alm.losses.reduce import LossSum
+from alm.models import sharding as sharding_lib
+from alm.training.config import TrainConfig
+from alm.training.model import TransferModel, trainable_filter
+
+BATCH_KEYS = tuple(f"{side}_{f}" for side in ("teacher", "student")
+                   for f in ("ids", "chunk_ids", "loss_mask", "segment_ids", "positions",
+                             "num_bytes"))
+
+
+class MethodNotAvailableError(NotImplementedError):
+  """The chosen method's loss is not implemented in `alm.losses` (yet)."""
+
+
+def _ntp_fn() -> Callable:
+  """`alm.losses.ntp.next_token_loss(logits, ids, loss_mask) -> LossSum`, or a clear error."""
+  try:
+    mod = importlib.import_module("alm.losses.ntp")
+  except ModuleNotFoundError as e:
+    raise MethodNotAvailableError(
+        "This method needs the next-token-prediction loss `alm.losses.ntp.next_token_loss`, which "
+        "this checkout does not have yet; use --method=alm.") from e
+  return mod.next_token_loss
+
+
+_BASELINES = {"dskd": "dskd_loss", "mined": "mined_loss", "uld": "uld_loss"}
+
+
+def loss_terms(cfg: TrainConfig) -> tuple[str, ...]:
+  """Names of the loss terms of `cfg.method`, in the order the step returns them."""
+  if cfg.method == "alm":
+    return ("alm",)
+  if cfg.method == "alm+sft":
+    return ("alm", "ntp")
+  if cfg.method == "sft":
+    return ("ntp",)
+  return (cfg.method, "ntp")
+
+
+def check_method_available(cfg: TrainConfig) -> None:
+  """Raises `MethodNotAvailableError` (naming what is missing) before any work is done."""
+  if cfg.constraint == "unbiased":
+    raise MethodNotAvailableError(
+        "constraint='unbiased' needs the tokenization-bias tables (alm.tokenization.bias) "
+        "looked up per chunk; the trainer does not wire them in yet. Use "
+        "--constraint=unconstrained, space or boundary_prob.")
+  if "ntp" in loss_terms(cfg):
+    _ntp_fn()
+  if cfg.method in _BASELINES:
+    try:
+      mod = importlib.import_module("alm.losses.baselines")
+      getattr(mod, _BASELINES[cfg.method])
+    except (ModuleNotFoundError, AttributeError) as e:
+      raise MethodNotAvailableError(
+          f"--method={cfg.method} needs `alm.losses.baselines.{_BASELINES[cfg.method]}`, which "
+          "this checkout does not have yet; available methods: alm, alm+sft, sft.") from e
+
+
+def _side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
+  seg = batch[f"{side}_segment_ids"]
+  return dict(attention_mask=seg > 0, segment_ids=seg, positions=batch[f"{side}_positions"])
+
+
+def compute_losses(model: TransferModel, batch: dict[str, jax.Array], consts: dict[str, Any],
+                   cfg: TrainConfig) -> dict[str, LossSum]:
+  """Every loss term of `cfg.method` on one (micro-)batch, as `LossSum`s.
+
+  Args:
+    model: the `TransferModel`.
+    batch: a pipeline batch (see `alm.data.pipeline`), as arrays.
+    consts: `{"teacher_boundary": bool [V_T], "student_boundary": bool [V_S]}`.
+    cfg: the training config.
+
+  Returns:
+    {term name: LossSum}, in the order of `loss_terms(cfg)`.
+  """
+  terms = loss_terms(cfg)
+  s_ids = batch["student_ids"]
+  s_out = model.student(s_ids, **_side_inputs(batch, "student"))
+  out: dict[str, LossSum] = {}
+  t_out = None
+  if cfg.needs_teacher:
+    t_out = model.teacher(batch["teacher_ids"], **_side_inputs(batch, "teacher"))
+  if "alm" in terms:
+    acfg = alm_loss_lib.ALMConfig(divergence=cfg.divergence, tau=cfg.tau,
+                                  constraint=cfg.constraint, gamma=cfg.gamma, debias=cfg.debias)
+    teacher = alm_loss_lib.Side(
+        logits=t_out.logits, ids=batch["teacher_ids"], chunk_ids=batch["teacher_chunk_ids"],
+        loss_mask=batch["teacher_loss_mask"], boundary_mask=consts["teacher_boundary"])
+    student = alm_loss_lib.Side(
+        logits=s_out.logits, ids=s_ids, chunk_ids=batch["student_chunk_ids"],
+        loss_mask=batch["student_loss_mask"], boundary_mask=consts["student_boundary"])
+    out["alm"] = alm_loss_lib.alm_loss(teacher, student, acfg)
+  if cfg.method in _BASELINES:
+    fn = getattr(importlib.import_module("alm.losses.baselines"), _BASELINES[cfg.method])
+    out[cfg.method] = fn(t_out, s_out, batch)
+  if "ntp" in terms:
+    out["ntp"] = _ntp_fn()(s_out.logits, s_ids, batch["student_loss_mask"])
+  return {k: out[k] for k in terms}
+
+
+def term_weights(cfg: TrainConfig) -> tuple[float, ...]:
+  """The weight `w_k` of every term of `loss_terms(cfg)` (NTP gets `ntp_weight`)."""
+  return tuple(cfg.ntp_weight if (t == "ntp" and cfg.method != "sft") else 1.0
+               for t in loss_terms(cfg))
+
+
+@dataclasses.dataclass
+class TrainState:
+  """Everything a step reads and writes besides the batch.
+
+  Attributes:
+    graphdef: the model's static structure.
+    trainable: the trained parameters (an `nnx.State`).
+    frozen: everything else (base body, teacher embeddings, ...).
+    opt_state: the optax state of `trainable`.
+    step: optimizer steps taken.
+  """
+
+  graphdef: Any
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+  step: int = 0
+
+  def model(self) -> TransferModel:
+    """The model with the current parameters (shares the state's arrays)."""
+    return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def _micro_split(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
+  """[B, ...] -> [accum, B / accum, ...] (consecutive rows per micro-batch)."""
+  return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+class Stepper:
+  """Builds and runs the compiled train step for a model, config and mesh.
+
+  Args:
+    model: the `TransferModel` (its arrays are placed on `mesh`).
+    cfg: the training config.
+    consts: boundary masks (see `compute_losses`).
+    tx: the optax optimizer.
+    mesh: a (data, fsdp, tensor) mesh, or None for a single device.
+  """
+
+  def __init__(self, model: TransferModel, cfg: TrainConfig, consts: dict[str, np.ndarray],
+               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None):
+    check_method_available(cfg)
+    self.cfg, self.tx = cfg, tx
+    self.mesh = mesh or sharding_lib.make_mesh(1, 1, 1)
+    sharding_lib.shard_model(model, self.mesh)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)
+    if not jax.tree.leaves(trainable):
+      raise ValueError("The trainable filter selected no parameters; check train_embeddings, "
+                       "lora_rank and projector.")
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    self.consts = {k: jax.device_put(jnp.asarray(v), rep) for k, v in consts.items()}
+    # Optimizer moments live where their parameters live (sharded like them),
+    # and every step returns arrays with exactly the input shardings, so the
+    # step compiles once.
+    param_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable),
+                                   param_sh, transform_non_params=lambda _: rep)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    self.state = TrainState(graphdef, trainable, frozen, opt_state, 0)
+    self.terms = loss_terms(cfg)
+    self.weights = term_weights(cfg)
+    self._shard_out = (jax.tree.map(lambda x: x.sharding, trainable),
+                       jax.tree.map(lambda x: x.sharding, opt_state))
+    self._step = jax.jit(self._step_fn, donate_argnums=(0, 1),
+                         out_shardings=(*self._shard_out, rep))
+
+  # -- the pure step ----------------------------------------------------------
+
+  def _step_fn(self, trainable, opt_state, frozen, micro, consts):
+    graphdef, cfg, terms = self.state.graphdef, self.cfg, self.terms
+    w = jnp.asarray(self.weights, jnp.float32)
+
+    def totals(params, mb):
+      model = nnx.merge(graphdef, params, frozen)
+      losses = compute_losses(model, mb, consts, cfg)
+      tot = jnp.stack([losses[k].total for k in terms])
+      cnt = jnp.stack([losses[k].count for k in terms])
+      return tot, cnt
+
+    accum = micro[next(iter(micro))].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    if accum == 1:
+      mb = jax.tree.map(lambda x: x[0], micro)
+      tot, vjp_fn, cnt = jax.vjp(lambda p: totals(p, mb), trainable, has_aux=True)
+      (grads,) = vjp_fn(w / jnp.maximum(cnt, 1.0))
+      tot_sum, cnt_sum = tot, cnt
+    else:
+      def body(carry, mb):
+        g_acc, t_acc, c_acc = carry
+        tot, vjp_fn, cnt = jax.vjp(lambda p: totals(p, mb), trainable, has_aux=True)
+        eye = jnp.eye(len(terms), dtype=jnp.float32)
+        g_acc = tuple(jax.tree.map(jnp.add, g, vjp_fn(eye[k])[0]) for k, g in enumerate(g_acc))
+        return (g_acc, t_acc + tot, c_acc + cnt), None
+
+      init = (tuple(zeros for _ in terms), jnp.zeros(len(terms)), jnp.zeros(len(terms)))
+      (g_terms, tot_sum, cnt_sum), _ = jax.lax.scan(body, init, micro)
+      scale = w / jnp.maximum(cnt_sum, 1.0)
+      grads = jax.tree.map(lambda *gs: sum(s * g for s, g in zip(scale, gs)), *g_terms)
+    means = tot_sum / jnp.maximum(cnt_sum, 1.0)
+    updates, opt_state = self.tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": jnp.sum(w * means), "grad_norm": optax.global_norm(grads)}
+    for k, name in enumerate(terms):
+      metrics[f"loss_{name}"] = means[k]
+      metrics[f"count_{name}"] = cnt_sum[k]
+    return trainable, opt_state, metrics
+
+  # -- host side --------------------------------------------------------------
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Splits a global batch into micro-batches and shards it over the mesh."""
+    micro = _micro_split({k: np.asarray(batch[k]) for k in BATCH_KEYS}, self.cfg.grad_accum)
+    data = sharding_lib.batch_sharding(self.mesh, 2)
+    spec = PartitionSpec(None, *data.spec)
+    return {k: jax.device_put(v, NamedSharding(self.mesh, PartitionSpec(*spec[:v.ndim])))
+            for k, v in micro.items()}
+
+  def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """One optimizer step on a global batch; returns the step's metrics (device arrays)."""
+    s = self.state
+    micro = self.put_batch(batch)
+    s.trainable, s.opt_state, metrics = self._step(s.trainable, s.opt_state, s.frozen, micro,
+                                                   self.consts)
+    s.step += 1
+    return metrics
+
+  def model(self) -> TransferModel:
+    """The model with the current parameters."""
+    return self.state.model()
+
+
+def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Bits, predicted bytes and predicted tokens of one side of a pipeline batch.
+
+  Targets are the side's loss-mask tokens (never position 0, never specials or
+  padding); bytes are their text bytes, so bits / bytes is bits per byte.
+
+  Args:
+    model_fn: teacher or student (called like a Transformer).
+    batch: a pipeline batch.
+    side: "teacher" or "student".
+
+  Returns:
+    (bits, bytes, tokens) float32 scalars.
+  """
+  ids = batch[f"{side}_ids"]
+  out = model_fn(ids, **_side_inputs(batch, side))
+  lp = chunks_lib.token_logprobs(out.logits, ids).path  # [B, T], 0 at t = 0
+  m = batch[f"{side}_loss_mask"] & (batch[f"{side}_num_bytes"] > 0)
+  m = m.at[:, 0].set(False)
+  bits = -jnp.sum(jnp.where(m, lp, 0.0)) / jnp.log(2.0)
+  nbytes = jnp.sum(jnp.where(m, batch[f"{side}_num_bytes"], 0)).astype(jnp.float32)
+  return bits, nbytes, jnp.sum(m).astype(jnp.float32)

@@ -1,0 +1,286 @@
+"""The training loop: steps, held-out evaluation, checkpoints, metrics, report.
+
+    trainer = Trainer(model, teacher_tok, student_tok, cfg, pipeline, eval_batches,
+                      RunOptions(out_dir="runs/x", checkpoint_every=50))
+    summary = trainer.fit()
+
+Held-out evaluation is bits per byte (bits of the predicted tokens over their
+text bytes, so it is comparable across tokenizers) of the teacher on the
+teacher tokenization and of the student on the student tokenization of the
+same held-out rows. The pipeline cuts rows at byte offsets where both
+tokenizations have a token boundary, so both sides see the same text.
+
+Resuming: with `resume=True` and a checkpoint in `checkpoint_dir`, `fit`
+restores the trainable parameters, the optimizer state, the data iterator and
+the step, after checking that the checkpoint belongs to this run; the rest of
+the run is then the same as if it had never stopped. A run interrupted between
+checkpoints resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alm.models import sharding as sharding_lib
+from alm.tokenization.base import ByteTokenizer
+from alm.training import step as step_lib
+from alm.training.checkpoint import Checkpointer
+from alm.training.config import TrainConfig
+from alm.training.metrics import MetricsLogger, write_report
+from alm.training.model import TransferModel, count_params
+from alm.training.optim import learning_rate_schedule, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """Where a run writes, and how often it evaluates and checkpoints.
+
+  Attributes:
+    out_dir: metrics.jsonl, tensorboard/, report.md/png go here.
+    checkpoint_dir: checkpoint directory (None: `out_dir/checkpoints`; "" : no
+      checkpoints).
+    checkpoint_every: save every this many steps (0: only at the end).
+    keep_checkpoints: how many recent checkpoints to keep.
+    resume: continue from the newest checkpoint in `checkpoint_dir`, if any.
+    eval_every: held-out evaluation every this many steps (0: only at the
+      start and the end).
+    log_every: fetch and log training metrics every this many steps (each
+      fetch waits for the device).
+    progress: show a progress bar.
+    tensorboard: write TensorBoard events.
+    stop_after: stop after this many total steps without the end-of-run
+      evaluation and save (simulates an interruption; for tests).
+  """
+
+  out_dir: str
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 2
+  resume: bool = True
+  eval_every: int = 0
+  log_every: int = 1
+  progress: bool = True
+  tensorboard: bool = True
+  stop_after: int | None = None
+
+
+def _json_safe(x: Any) -> Any:
+  return json.loads(json.dumps(x, default=str))
+
+
+def run_fingerprint(model: TransferModel, teacher_tok: ByteTokenizer, student_tok: ByteTokenizer,
+                    cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What a checkpoint must match to be resumed by this run.
+
+  Args:
+    model: the transfer model.
+    teacher_tok: the teacher tokenizer.
+    student_tok: the student tokenizer.
+    cfg: the training config.
+    extra: more identifying information (model name, data spec, pipeline).
+
+  Returns:
+    A JSON-serialisable dict.
+  """
+  def tok(t):
+    return {"name": str(getattr(t, "name", type(t).__name__)), "vocab_size": int(t.vocab_size)}
+  return _json_safe({
+      "teacher_model": dataclasses.asdict(model.teacher.transformer.cfg),
+      "teacher_tokenizer": tok(teacher_tok),
+      "student_tokenizer": tok(student_tok),
+      "train_config": cfg.to_dict(),
+      **(extra or {}),
+  })
+
+
+class Trainer:
+  """Runs tokenizer-transfer training (see the module docstring).
+
+  Args:
+    model: the `TransferModel` (from `alm.training.model.build_transfer_model`).
+    teacher_tok: the teacher tokenizer.
+    student_tok: the student tokenizer.
+    cfg: the training config.
+    train_data: an `alm.data.pipeline.Pipeline` (iterator with `state()` /
+      `restore()`) of training batches of `cfg.batch_size` rows.
+    eval_batches: fixed held-out batches (same feature layout).
+    opts: output, evaluation and checkpoint options.
+    fingerprint_extra: identifying information stored with checkpoints.
+    summary_extra: added to the report's summary table (e.g. the command).
+  """
+
+  def __init__(self, model: TransferModel, teacher_tok: ByteTokenizer,
+               student_tok: ByteTokenizer, cfg: TrainConfig, train_data,
+               eval_batches: Sequence[dict[str, np.ndarray]], opts: RunOptions, *,
+               fingerprint_extra: dict[str, Any] | None = None,
+               summary_extra: dict[str, Any] | None = None):
+    self.cfg, self.opts = cfg, opts
+    self.teacher_tok, self.student_tok = teacher_tok, student_tok
+    self.data = train_data
+    self.summary_extra = dict(summary_extra or {})
+    self.mesh = sharding_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    self.fingerprint = run_fingerprint(model, teacher_tok, student_tok, cfg, fingerprint_extra)
+    consts = {"teacher_boundary": np.asarray(teacher_tok.boundary_token_mask(), bool),
+              "student_boundary": np.asarray(student_tok.boundary_token_mask(), bool)}
+    self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh)
+    self.schedule = learning_rate_schedule(cfg)
+    self.eval_batches = [self._put_eval(b) for b in eval_batches]
+    graphdef = self.stepper.state.graphdef
+
+    def eval_fn(trainable, frozen, batch, side):
+      m = nnx.merge(graphdef, trainable, frozen)
+      return step_lib.path_bits(getattr(m, side), batch, side)
+
+    self._eval = jax.jit(eval_fn, static_argnums=(3,))
+    ckdir = opts.checkpoint_dir
+    if ckdir is None:
+      ckdir = str(Path(opts.out_dir) / "checkpoints")
+    self.checkpointer = (Checkpointer(ckdir, self.fingerprint, keep=opts.keep_checkpoints)
+                         if ckdir else None)
+    st = self.stepper.state
+    logging.info("Trainable parameters: %d (frozen: %d)", count_params(st.trainable),
+                 count_params(st.frozen))
+
+  def _put_eval(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    n = next(iter(batch.values())).shape[0]
+    axes = sharding_lib.batch_sharding(self.mesh, 1).spec[0]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    par = int(np.prod([self.mesh.shape[a] for a in axes]))
+    # Rows split over the data axes when they divide evenly, else replicated.
+    first = (axes[0] if len(axes) == 1 else axes) if axes and n % par == 0 else None
+    return {k: jax.device_put(np.asarray(batch[k]), NamedSharding(
+        self.mesh, PartitionSpec(first, *([None] * (np.ndim(batch[k]) - 1)))))
+            for k in step_lib.BATCH_KEYS}
+
+  # -- evaluation -------------------------------------------------------------
+
+  def bits_per_byte(self, side: str) -> dict[str, float]:
+    """Held-out bits per byte of "teacher" or "student" with the current parameters."""
+    st = self.stepper.state
+    bits = nbytes = ntok = 0.0
+    for b in self.eval_batches:
+      r = self._eval(st.trainable, st.frozen, b, side)
+      bits += float(r[0])
+      nbytes += float(r[1])
+      ntok += float(r[2])
+    return {f"{side}_bpb": bits / max(nbytes, 1.0), f"{side}_bytes": nbytes,
+            f"{side}_tokens": ntok}
+
+  # -- the loop ---------------------------------------------------------------
+
+  def _restore(self) -> dict[str, Any] | None:
+    ck = self.checkpointer
+    if ck is None or not self.opts.resume:
+      return None
+    step = ck.latest_step()
+    if step is None:
+      return None
+    st = self.stepper.state
+    st.trainable, st.opt_state, meta = ck.restore(step, st.trainable, st.opt_state)
+    st.step = int(meta["step"])
+    self.data.restore(meta["data_state"])
+    logging.info("Resumed from %s (step %d).", ck.path(step), st.step)
+    return meta
+
+  def _save(self, extra: dict[str, Any]) -> None:
+    if self.checkpointer is None:
+      return
+    st = self.stepper.state
+    self.checkpointer.save(st.step, st.trainable, st.opt_state, self.data.state(), extra)
+
+  def fit(self) -> dict[str, Any]:
+    """Trains to `cfg.steps` (resuming if possible); returns the summary.
+
+    Returns:
+      A dict with the teacher's, the FVT-initialised and the final student's
+      held-out bits per byte, the steps, wall time and throughput.
+    """
+    t_start = time.time()
+    st = self.stepper.state
+    meta = self._restore()
+    logger = MetricsLogger(self.opts.out_dir, self.cfg.steps, initial_step=st.step,
+                           progress=self.opts.progress, tensorboard=self.opts.tensorboard)
+    try:
+      if meta is not None:
+        base = dict(meta["extra"])
+      else:
+        base = {**self.bits_per_byte("teacher"), **self.bits_per_byte("student")}
+        base = {"teacher_bpb": base["teacher_bpb"], "init_student_bpb": base["student_bpb"]}
+        logger.log(0, "eval", {"teacher_bpb": base["teacher_bpb"],
+                               "student_bpb": base["init_student_bpb"]})
+      last_t, last_step, tokens = time.time(), st.step, 0
+      pending: list[tuple[int, dict]] = []
+      end = self.cfg.steps if self.opts.stop_after is None else min(self.cfg.steps,
+                                                                    self.opts.stop_after)
+      while st.step < end:
+        batch = next(self.data)
+        tokens += int((np.asarray(batch["student_segment_ids"]) > 0).sum())
+        lr = float(self.schedule(st.step))
+        metrics = self.stepper.step(batch)
+        pending.append((st.step, {**metrics, "learning_rate": lr}))
+        if st.step % self.opts.log_every == 0 or st.step == end:
+          jax.block_until_ready(metrics)
+          now = time.time()
+          rate = tokens / max(now - last_t, 1e-9)
+          for s, m in pending:
+            vals = {k: float(v) for k, v in m.items()}
+            vals["student_tokens_per_s"] = rate
+            vals["steps_per_s"] = (st.step - last_step) / max(now - last_t, 1e-9)
+            logger.log(s, "train", {**vals, "tokens_per_s": rate})
+          pending, last_t, last_step, tokens = [], now, st.step, 0
+        if self.opts.eval_every and st.step % self.opts.eval_every == 0 and st.step < end:
+          ev = self.bits_per_byte("student")
+          logger.log(st.step, "eval", {"teacher_bpb": base["teacher_bpb"],
+                                       "student_bpb": ev["student_bpb"]})
+        if (self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0
+            and st.step < self.cfg.steps):
+          self._save(base)
+      if self.opts.stop_after is not None and st.step < self.cfg.steps:
+        return {"stopped_at": st.step}
+      final = self.bits_per_byte("student")["student_bpb"]
+      logger.log(st.step, "eval", {"teacher_bpb": base["teacher_bpb"], "student_bpb": final})
+      self._save(base)
+    finally:
+      logger.close()
+    gap0 = base["init_student_bpb"] - base["teacher_bpb"]
+    summary = {
+        "method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed,
+        "teacher_bpb": base["teacher_bpb"], "init_student_bpb": base["init_student_bpb"],
+        "final_student_bpb": final,
+        "gap_closed": (base["init_student_bpb"] - final) / gap0 if gap0 else float("nan"),
+        "wall_s": time.time() - t_start,
+        **self.summary_extra,
+    }
+    write_report(self.opts.out_dir, summary,
+                 title=f"Tokenizer transfer ({self.cfg.method}, {st.step} steps)")
+    (Path(self.opts.out_dir) / "summary.json").write_text(json.dumps(_json_safe(summary),
+                                                                     indent=1))
+    return summary
+
+  def model(self) -> TransferModel:
+    """The model with the current parameters."""
+    return self.stepper.model()
+
+
+def take_batches(data: Iterator[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+  """The first `n` batches of an iterator (fewer if it ends), e.g. for held-out evaluation."""
+  out = []
+  for _ in range(n):
+    try:
+      out.append(next(data))
+    except StopIteration:
+      break
+  if not out:
+    raise ValueError("The held-out data gave no batch; use more held-out documents or a smaller "
+                     "batch size.")
+  return out
