@@ -78,10 +78,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id",
-                                             "pad_id"))
-def _generate(graphdef, state, ids, mask, key, *, max_new_tokens: int, sampling: SamplingConfig,
-              eos_id: int | None, pad_id: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _generate(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens: int,
+              sampling: SamplingConfig):
   model = nnx.merge(graphdef, state)
   b, t = ids.shape
   cache = model.init_cache(b, t + max_new_tokens)
@@ -97,8 +96,7 @@ def _generate(graphdef, state, ids, mask, key, *, max_new_tokens: int, sampling:
     tok = jnp.where(done, pad_id, tok)
     tokens = tokens.at[:, i].set(tok)
     lengths = lengths + (~done).astype(jnp.int32)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    done = done | (tok == eos_id)  # eos_id -1: never
     # Tokens after a row's EOS are fillers; what they attend to does not matter.
     step = model(tok[:, None], cache=cache)
     return step.cache, step.logits[:, -1], key, tokens, done, lengths
@@ -142,6 +140,7 @@ def generate(model: Transformer, input_ids, *, max_new_tokens: int, attention_ma
     raise InputError("Every prompt's last token must be real: left-pad batched prompts.")
   graphdef, state = nnx.split(model)
   tokens, lengths = _generate(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
-                              jax.random.key(seed), max_new_tokens=max_new_tokens,
-                              sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+                              jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+                              jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+                              sampling=sampling)
   return GenerationResult(tokens=np.asarray(tokens), lengths=np.asarray(lengths))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from alm.models.config import ModelConfig, RopeScaling
-from alm.models.transformer import Transformer
+from alm.models.transformer import Transformer, abstract_transformer
 
 TinyFamily = Literal["llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3"]
 TINY_FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -62,17 +62,30 @@ def tiny_config(family: TinyFamily = "llama", vocab_size: int = 64, **overrides)
   return ModelConfig(**{**base, **cfg, **overrides})
 
 
-def randomize_norms_and_biases(model: nnx.Module, seed: int = 0, scale: float = 0.3) -> None:
-  """Replaces every norm scale and bias of `model` by random values (in place)."""
-  key = jax.random.key(seed)
+def randomize_params(model: nnx.Module, seed: int = 0, *, weight_std: float = 0.2,
+                     norm_std: float = 0.3, random_norms: bool = True) -> None:
+  """Fills every parameter of `model` with random values (in place).
+
+  Kernels and embeddings ~ N(0, weight_std^2) (larger than a training init so
+  tiny models have peaky, non-trivial distributions); norm scales are their
+  neutral value plus N(0, norm_std^2) noise and biases N(0, norm_std^2) when
+  `random_norms`, else neutral (multiplier 1, bias 0). Uses numpy's RNG, so no
+  JAX kernel is compiled per parameter shape.
+  """
+  rng = np.random.default_rng(seed)
+  offset = model.cfg.norm_offset
   for path, var in nnx.iter_graph(model):
     if not isinstance(var, nnx.Param):
       continue
-    name = path[-1]
-    if name in ("scale", "bias"):
-      key, sub = jax.random.split(key)
-      v = var[...]
-      var[...] = (v + scale * jax.random.normal(sub, v.shape, jnp.float32)).astype(v.dtype)
+    shape, dtype = var.get_value().shape, var.get_value().dtype
+    kind = path[-1]
+    if kind in ("kernel", "embedding"):
+      v = rng.normal(0.0, weight_std, shape)
+    elif kind == "scale":
+      v = (1.0 - offset) + (rng.normal(0.0, norm_std, shape) if random_norms else 0.0)
+    else:  # bias
+      v = rng.normal(0.0, norm_std, shape) if random_norms else np.zeros(shape)
+    var.set_value(jnp.asarray(np.asarray(v, np.float32), dtype))
 
 
 def tiny_model(family: TinyFamily = "llama", vocab_size: int = 64, *, seed: int = 0,
@@ -93,15 +106,6 @@ def tiny_model(family: TinyFamily = "llama", vocab_size: int = 64, *, seed: int 
     The model.
   """
   cfg = tiny_config(family, vocab_size, **overrides)
-  # Larger weights than the 0.02 init so that tiny models have peaky,
-  # non-trivial distributions.
-  model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
-  key = jax.random.key(seed + 1)
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param) and path[-1] in ("kernel", "embedding"):
-      key, sub = jax.random.split(key)
-      v = var[...]
-      var[...] = (jax.random.normal(sub, v.shape, jnp.float32) * 0.2).astype(v.dtype)
-  if random_norms:
-    randomize_norms_and_biases(model, seed)
+  model = abstract_transformer(cfg, dtype=dtype, param_dtype=param_dtype)
+  randomize_params(model, seed, random_norms=random_norms)
   return model
