@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
+import numpy as np
+
 Family = Literal["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
 Activation = Literal["silu", "gelu_tanh"]
 LayerType = Literal["full", "sliding"]
@@ -258,6 +260,7 @@ _HF_HARMLESS = frozenset({
     "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "id2label",
     "label2id", "problem_type", "finetuning_task", "prefix", "task_specific_params",
     "unsloth_fixed", "attn_implementation", "_attn_implementation_autoset",
+    "is_llama_config",  # a marker in SmolLM2's config.json
 })
 
 # HF class defaults that matter when a config.json omits the key.
@@ -287,7 +290,7 @@ _COMMON_KEYS = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "rope_scaling", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
                 "attention_dropout", "layer_types", "hidden_act"}
 _FAMILY_KEYS: dict[Family, set[str]] = {
-    "llama": _COMMON_KEYS | {"attention_bias", "mlp_bias", "pretraining_tp"},
+    "llama": _COMMON_KEYS | {"attention_bias", "mlp_bias", "pretraining_tp", "rope_interleaved"},
     "qwen2": _COMMON_KEYS | {"use_sliding_window", "sliding_window", "max_window_layers",
                              "use_mrope"},
     "qwen3": _COMMON_KEYS | {"attention_bias", "use_sliding_window", "sliding_window",
@@ -354,6 +357,8 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 
   _require_value(hf, "attention_dropout", lambda v: v == 0, "only 0 (alm has no dropout)")
   _require_value(hf, "pretraining_tp", lambda v: v == 1, "only 1")
+  _require_value(hf, "rope_interleaved", lambda v: not v,
+                 "HF Llama uses rotate-half RoPE; interleaved RoPE weights must be permuted first")
   _require_value(hf, "use_mrope", lambda v: not v, "multimodal RoPE is not implemented")
   _require_value(hf, "use_bidirectional_attention", lambda v: not v,
                  "only causal attention is implemented")
@@ -609,7 +614,8 @@ def _from_gguf(source) -> ModelConfig:
   common = dict(
       vocab_size=int(vocab), hidden_size=d, intermediate_size=int(need("feed_forward_length")),
       num_layers=n_layers, num_heads=n_heads, num_kv_heads=int(n_kv), head_dim=head_dim,
-      rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+      # GGUF stores float32: 1e-5 reads as 9.9999997e-06; keep the decimal value.
+      rms_norm_eps=float(str(np.float32(need("attention.layer_norm_rms_epsilon")))),
       max_position_embeddings=int(field(f"{arch}.context_length", 8192)),
       tie_embeddings=not has_tensor("output.weight"),
       bos_token_id=None if bos is None else int(bos),
