@@ -1,0 +1,245 @@
+"""Cross-tokenizer distillation baselines on the same interface as ALM.
+
+  * SFT: next-token prediction on the student (`alm.losses.ntp`).
+  * MinED: Wan et al. 2024, "Knowledge Fusion of Large Language Models"
+    (FuseLLM): every student token is mapped to the teacher token of minimal
+    edit distance; KL at one-to-one aligned positions.
+  * ULD: Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the
+    Universal Logit Distillation Loss for LLMs": L1 between sorted
+    probability vectors, positions paired by index.
+
+Each returns a `LossSum` of its distillation term; add NTP with
+`alm.losses.ntp.combined_mean` as in the papers.
+DSKD (Zhang et al. 2024) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alm.losses import chunks as chunks_lib
+from alm.losses.ntp import next_token_loss
+from alm.losses.reduce import LossSum
+
+sft_loss = next_token_loss  # SFT = NTP on the student's own tokens.
+
+
+# ---------------------------------------------------------------------------
+# ULD.
+# ---------------------------------------------------------------------------
+
+
+def _predicting_positions(ids, loss_mask):
+  """Rows' predicting positions (t-1 of trained tokens t), compacted."""
+  b, t = ids.shape
+  keep = jnp.arange(t)[None, :] > 0
+  if loss_mask is not None:
+    keep = keep & loss_mask.astype(bool)
+  # Stable sort puts the kept positions first, in order.
+  order = jnp.argsort(~keep, axis=1, stable=True).astype(jnp.int32)
+  return order - 1, jnp.sum(keep, axis=1)
+
+
+def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
+             teacher_loss_mask: jax.Array | None, student_logits: jax.Array,
+             student_ids: jax.Array, student_loss_mask: jax.Array | None
+             ) -> LossSum:
+  """Universal Logit Distillation (Boizard et al., 2024).
+
+  For the k-th trained token of each side (positions paired by index, as in
+  the paper), with the next-token distributions `p_T`, `p_S` that predict it:
+  `sum_i |sort(p_T)_i - sort(p_S)_i|` (both sorted descending, the smaller
+  vocabulary padded with zeros). Rows are processed one at a time so the
+  sorted [T, V] float32 probabilities exist for one row only.
+
+  Args:
+    teacher_logits: [B, T_T, V_T]; gradients are stopped.
+    teacher_ids: int [B, T_T].
+    teacher_loss_mask: optional bool [B, T_T].
+    student_logits: [B, T_S, V_S].
+    student_ids: int [B, T_S].
+    student_loss_mask: optional bool [B, T_S].
+
+  Returns:
+    `LossSum` over the paired positions.
+  """
+  pt, nt = _predicting_positions(teacher_ids, teacher_loss_mask)
+  ps, ns = _predicting_positions(student_ids, student_loss_mask)
+  k = min(pt.shape[1], ps.shape[1])
+  n = jnp.minimum(nt, ns)  # [B]
+  vt, vs = teacher_logits.shape[-1], student_logits.shape[-1]
+  width = max(vt, vs)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+
+  def sorted_probs(logits, pos, v):
+    p = jax.nn.softmax(jnp.take(logits, jnp.maximum(pos[:k], 0), axis=0)
+                       .astype(jnp.float32), axis=-1)
+    p = -jnp.sort(-p, axis=-1)
+    return jnp.pad(p, ((0, 0), (0, width - v)))
+
+  def row(args):
+    lt, ls, rpt, rps, rn = args
+    d = jnp.sum(jnp.abs(sorted_probs(lt, rpt, vt) - sorted_probs(ls, rps, vs)),
+                axis=-1)
+    return jnp.sum(jnp.where(jnp.arange(k) < rn, d, 0.0))
+
+  totals = jax.lax.map(row, (teacher_logits, student_logits, pt, ps, n))
+  return LossSum(total=jnp.sum(totals), count=jnp.sum(n).astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# MinED.
+# ---------------------------------------------------------------------------
+
+
+def _edit_distances(s: bytes, cands: np.ndarray, lens: np.ndarray) -> np.ndarray:
+  """Levenshtein distance of `s` to every candidate (uint8 [N, L], lengths)."""
+  n, width = cands.shape
+  prev = np.broadcast_to(np.arange(width + 1), (n, width + 1)).copy()
+  for i, ch in enumerate(s, start=1):
+    cur = np.empty_like(prev)
+    cur[:, 0] = i
+    sub = prev[:, :-1] + (cands != ch)
+    for j in range(1, width + 1):
+      cur[:, j] = np.minimum(np.minimum(prev[:, j] + 1, cur[:, j - 1] + 1),
+                             sub[:, j - 1])
+    prev = cur
+  return prev[np.arange(n), lens]
+
+
+def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
+                    ) -> np.ndarray:
+  """Maps every student token to the teacher token of minimal edit distance.
+
+  Byte-level Levenshtein distance; ties go to the smallest teacher id. Exact
+  matches are dictionary look-ups; the rest are searched among teacher tokens
+  whose length differs by at most the best distance found so far (a lower
+  bound of the distance), vectorised over candidates.
+
+  Args:
+    student_tokens: bytes of each student id (`tokenizer.token_bytes`).
+    teacher_tokens: bytes of each teacher id.
+
+  Returns:
+    int32 [V_S] teacher id per student id.
+  """
+  exact: dict[bytes, int] = {}
+  for i, tok in enumerate(teacher_tokens):
+    exact.setdefault(tok, i)
+  lens = np.array([len(t) for t in teacher_tokens])
+  width = max(1, int(lens.max()))
+  packed = np.zeros((len(teacher_tokens), width), np.int16)
+  packed -= 1  # never equal to a byte
+  for i, tok in enumerate(teacher_tokens):
+    packed[i, :len(tok)] = np.frombuffer(tok, np.uint8)
+  out = np.zeros(len(student_tokens), np.int32)
+  for sid, tok in enumerate(student_tokens):
+    if tok in exact:
+      out[sid] = exact[tok]
+      continue
+    best_d, best_id = None, 0
+    for bound in (1, 2, 4, None):
+      window = np.abs(lens - len(tok)) <= (bound if bound is not None
+                                            else 10**9)
+      idx = np.flatnonzero(window)
+      if idx.size == 0:
+        continue
+      w = max(1, int(lens[idx].max()))
+      d = _edit_distances(tok, packed[idx, :w], lens[idx])
+      j = int(np.argmin(d))  # first = smallest id among the minima
+      if bound is None or d[j] <= bound:
+        # Every token outside the window is farther than `bound` >= d[j].
+        best_d, best_id = int(d[j]), int(idx[j])
+        break
+    del best_d
+    out[sid] = best_id
+  return out
+
+
+def _fingerprint(student_tokens, teacher_tokens) -> str:
+  h = hashlib.sha256()
+  for toks in (student_tokens, teacher_tokens):
+    h.update(len(toks).to_bytes(8, "little"))
+    for t in toks:
+      h.update(len(t).to_bytes(4, "little") + t)
+  return h.hexdigest()
+
+
+def load_or_compute_mined_map(path: str | Path, student_tokens: list[bytes],
+                              teacher_tokens: list[bytes]) -> np.ndarray:
+  """The MinED map of a tokenizer pair, computed once and saved to `path`.
+
+  The file (.npz) stores a fingerprint of both vocabularies; a file made for
+  another pair is recomputed rather than silently reused.
+
+  Args:
+    path: .npz file to read or write.
+    student_tokens, teacher_tokens: bytes of every id.
+
+  Returns:
+    int32 [V_S] teacher id per student id.
+  """
+  path = Path(path)
+  fp = _fingerprint(student_tokens, teacher_tokens)
+  if path.exists():
+    with np.load(path) as f:
+      if str(f["fingerprint"]) == fp:
+        return f["map"]
+  m = mined_vocab_map(student_tokens, teacher_tokens)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, map=m, fingerprint=np.array(fp))
+  return m
+
+
+def mined_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
+               teacher_chunk_ids: jax.Array, student_logits: jax.Array,
+               student_ids: jax.Array, student_chunk_ids: jax.Array,
+               vocab_map: jax.Array, *, teacher_loss_mask=None,
+               student_loss_mask=None) -> LossSum:
+  """MinED distillation (Wan et al., 2024, FuseLLM).
+
+  At every one-to-one aligned token pair (a chunk made of exactly one token
+  on each side, predicted and trained), the teacher's next-token distribution
+  is carried to the student vocabulary through the MinED map,
+  `q(v) = p_T(map[v]) / sum_u p_T(map[u])`, and `KL(q || p_S)` is summed.
+
+  Args:
+    teacher_logits: [B, T_T, V_T]; gradients are stopped.
+    teacher_ids, teacher_chunk_ids: int [B, T_T].
+    student_logits: [B, T_S, V_S].
+    student_ids, student_chunk_ids: int [B, T_S].
+    vocab_map: int [V_S] from `mined_vocab_map`.
+    teacher_loss_mask, student_loss_mask: optional bool masks.
+
+  Returns:
+    `LossSum` over the one-to-one positions.
+  """
+  c = min(teacher_ids.shape[1], student_ids.shape[1])
+  sides = []
+  for ids, cids, lm in ((teacher_ids, teacher_chunk_ids, teacher_loss_mask),
+                        (student_ids, student_chunk_ids, student_loss_mask)):
+    ones = chunks_lib.TokenLogProbs(path=jnp.ones(ids.shape, jnp.float32),
+                                    boundary=None)
+    sides.append(chunks_lib.chunk_logprobs(ones, cids, c, lm))
+  ct, cs = sides
+  one = ct.valid & cs.valid & (ct.path == 1) & (cs.path == 1)  # [B, C]
+  pt, ps = jnp.maximum(ct.last - 1, 0), jnp.maximum(cs.last - 1, 0)
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+
+  def row(args):
+    lt, ls, rpt, rps, rone = args
+    q = jax.nn.log_softmax(
+        jnp.take(jnp.take(lt, rpt, axis=0), vocab_map, axis=-1)
+        .astype(jnp.float32), axis=-1)  # [C, V_S]
+    logp = jax.nn.log_softmax(jnp.take(ls, rps, axis=0).astype(jnp.float32),
+                              axis=-1)
+    kl = jnp.sum(jnp.exp(q) * (q - logp), axis=-1)
+    return jnp.sum(jnp.where(rone, kl, 0.0))
+
+  totals = jax.lax.map(row, (teacher_logits, student_logits, pt, ps, one))
+  return LossSum(total=jnp.sum(totals), count=jnp.sum(one).astype(jnp.float32))

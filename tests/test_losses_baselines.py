@@ -1,0 +1,100 @@
+"""Baselines (ULD, MinED, SFT) against float64 numpy references."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import losses_reference as ref
+from alm.losses import baselines
+
+
+def levenshtein(a: bytes, b: bytes) -> int:
+  d = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    prev, d[0] = d[0], i
+    for j, cb in enumerate(b, 1):
+      prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
+  return d[-1]
+
+
+def test_mined_map_matches_brute_force_and_is_saved(tmp_path):
+  rng = np.random.default_rng(0)
+  alphabet = b"ab c"
+  def rand_tokens(n):
+    return [bytes(rng.choice(list(alphabet), size=rng.integers(1, 7)))
+            for _ in range(n)]
+  teacher, student = rand_tokens(40), rand_tokens(30) + [b"zzzzzzzz"]
+  got = baselines.mined_vocab_map(student, teacher)
+  for s, t in zip(student, got):
+    dists = [levenshtein(s, x) for x in teacher]
+    assert t == int(np.argmin(dists)), (s, teacher[t], dists[t], min(dists))
+  path = tmp_path / "map.npz"
+  m1 = baselines.load_or_compute_mined_map(path, student, teacher)
+  assert path.exists()
+  np.testing.assert_array_equal(m1, got)
+  m2 = baselines.load_or_compute_mined_map(path, student[:5], teacher)
+  np.testing.assert_array_equal(m2, got[:5])  # other pair: recomputed
+
+
+def test_uld_matches_reference():
+  rng = np.random.default_rng(1)
+  lt = rng.normal(size=(2, 6, 7)).astype(np.float32) * 2
+  ls = rng.normal(size=(2, 5, 4)).astype(np.float32) * 2
+  ids_t, ids_s = np.zeros((2, 6), np.int32), np.zeros((2, 5), np.int32)
+  mt = rng.random((2, 6)) < 0.7
+  ms = rng.random((2, 5)) < 0.8
+  f = lambda x: baselines.uld_loss(jnp.asarray(lt), jnp.asarray(ids_t), jnp.asarray(mt),
+                                   x, jnp.asarray(ids_s), jnp.asarray(ms))
+  out = f(jnp.asarray(ls))
+  grad = jax.grad(lambda x: f(x).mean())(jnp.asarray(ls))
+  total, count, g = 0.0, 0, np.zeros_like(ls, np.float64)
+  for i in range(2):
+    pt = [t - 1 for t in range(1, 6) if mt[i, t]]
+    ps = [t - 1 for t in range(1, 5) if ms[i, t]]
+    for a, b in zip(pt, ps):
+      p, q = ref.softmax(lt[i, a]), ref.softmax(ls[i, b])
+      sp, order = np.sort(p)[::-1], np.argsort(-q)
+      sq = q[order]
+      padded = np.concatenate([sq, np.zeros(len(sp) - len(sq))])
+      total += np.abs(sp - padded).sum()
+      count += 1
+      # d/dq_sorted of |sp - sq| is sign(sq - sp); then through softmax.
+      dq = np.zeros_like(q)
+      dq[order] = np.sign(sq - sp[:len(sq)])
+      g[i, b] += q * (dq - (dq * q).sum())
+  assert int(out.count) == count > 2
+  np.testing.assert_allclose(out.total, total, rtol=1e-5)
+  np.testing.assert_allclose(grad, g / count, rtol=1e-4, atol=1e-7)
+
+
+def test_mined_loss_matches_reference():
+  rng = np.random.default_rng(2)
+  lt = rng.normal(size=(2, 6, 7)).astype(np.float32) * 2
+  ls = rng.normal(size=(2, 6, 5)).astype(np.float32) * 2
+  ids_t = rng.integers(0, 7, (2, 6)).astype(np.int32)
+  ids_s = rng.integers(0, 5, (2, 6)).astype(np.int32)
+  ct = np.array([[0, 1, 1, 2, 3, -1], [0, 1, 2, 3, 4, 5]], np.int32)
+  cs = np.array([[0, 1, 2, 2, 3, 3], [0, 1, 2, 2, 3, 4]], np.int32)
+  vmap = rng.integers(0, 7, 5).astype(np.int32)
+  f = lambda x: baselines.mined_loss(jnp.asarray(lt), jnp.asarray(ids_t), jnp.asarray(ct),
+                                     x, jnp.asarray(ids_s), jnp.asarray(cs),
+                                     jnp.asarray(vmap))
+  out = f(jnp.asarray(ls))
+  grad = jax.grad(lambda x: f(x).mean())(jnp.asarray(ls))
+  total, count, g = 0.0, 0, np.zeros_like(ls, np.float64)
+  for i, c in itertools.product(range(2), range(6)):
+    tp, sp = np.flatnonzero(ct[i] == c), np.flatnonzero(cs[i] == c)
+    if len(tp) != 1 or len(sp) != 1 or tp[0] == 0 or sp[0] == 0:
+      continue
+    q = ref.softmax(lt[i, tp[0] - 1][vmap])
+    p = ref.softmax(ls[i, sp[0] - 1])
+    total += np.sum(q * (np.log(q) - np.log(p)))
+    count += 1
+    g[i, sp[0] - 1] += p - q
+  assert int(out.count) == count == 3
+  np.testing.assert_allclose(out.total, total, rtol=1e-5)
+  np.testing.assert_allclose(grad, g / count, rtol=1e-4, atol=1e-7)
