@@ -238,3 +238,91 @@ def test_properties_real_pairs(real_tokenizers, text):
       rt, rs = loop_reference(ea, eb)
       if not (ea.special.any() and eb.special.any()):
         assert ti.tolist() == rt and si.tolist() == rs
+
+
+# ---------------------------------------------------------------------------
+# The vectorised batch equals the per-pair alignment.
+# ---------------------------------------------------------------------------
+
+
+class _FakeTok:
+  """Just what align() reads from a tokenizer: BOS/EOS ids and boundary bytes."""
+
+  def __init__(self, bos, eos):
+    self.bos_id, self.eos_id = bos, eos
+    self.boundary_bytes = frozenset(b" \n")
+
+
+class _FakeTables:
+  """A deterministic pseudo-random bias table over all (teacher, student) id pairs."""
+
+  def lookup(self, vt, vs):
+    vt, vs = np.asarray(vt, np.int64), np.asarray(vs, np.int64)
+    return (((vt * 7 + vs * 3) % 10) / 10).astype(np.float32), (
+        ((vt * 5 + vs * 11) % 10) / 10).astype(np.float32)
+
+
+def _random_enc(rng, text: bytes, special_ids, zero_len_first: bool, mask: bool) -> Encoding:
+  n = len(text)
+  cuts = sorted(set(rng.integers(1, max(n, 2), size=rng.integers(0, n + 1)).tolist()) - {n})
+  bounds = [0] + [c for c in cuts if 0 < c < n] + ([n] if n else [])
+  pieces = [text[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+  n_sp = int(rng.integers(0, 4))
+  specials = [(int(rng.integers(0, len(pieces) + k + 1)), int(rng.choice(special_ids)))
+              for k in range(n_sp)]
+  if rng.random() < 0.3:
+    specials.append((0, special_ids[0]))  # a BOS
+  e = make_enc(pieces, specials=specials, text=text)
+  if zero_len_first and len(e) and not e.special[0]:
+    # A SentencePiece dummy-prefix piece: a zero-length text token in front.
+    e = Encoding(np.concatenate([[7], e.ids]).astype(np.int32),
+                 np.concatenate([[0], e.starts]).astype(np.int32),
+                 np.concatenate([[0], e.ends]).astype(np.int32),
+                 np.concatenate([[False], e.special]), text)
+  if mask:
+    e = Encoding(e.ids, e.starts, e.ends, e.special, text, rng.random(len(e)) < 0.8)
+  return e
+
+
+@pytest.mark.parametrize("constraint", ["unconstrained", "space", "unbiased"])
+@pytest.mark.parametrize("tokenizers", [False, True])
+def test_batch_equals_per_pair(constraint, tokenizers):
+  rng = np.random.default_rng(0 if tokenizers else 1)
+  ttok, stok = _FakeTok(1, 2), _FakeTok(3, 4)
+  kw = dict(constraint=constraint)
+  if tokenizers or constraint == "space":
+    kw.update(teacher_tokenizer=ttok, student_tokenizer=stok)
+  if constraint == "unbiased":
+    kw.update(bias_tables=_FakeTables(), gamma=0.45)
+  checked = 0
+  for _ in range(60):
+    pairs = []
+    for _ in range(int(rng.integers(1, 7))):
+      n = int(rng.integers(0, 25))
+      text = bytes(rng.choice(list(b"ab c\n"), size=n).tolist())
+      te = _random_enc(rng, text, [1, 2, 5, 6], rng.random() < 0.2, rng.random() < 0.2)
+      se = _random_enc(rng, text, [3, 4, 5, 6], rng.random() < 0.2, rng.random() < 0.2)
+      pairs.append((te, se))
+    pad = (max(len(t) for t, _ in pairs) + int(rng.integers(0, 3)),
+           max(len(s) for _, s in pairs) + int(rng.integers(0, 3)))
+    bt, bs = align_batch(pairs, pad_to=pad, **kw)
+    assert bt.dtype == np.int32 and bs.shape == (len(pairs), pad[1])
+    for r, (te, se) in enumerate(pairs):
+      ti, si = align(te, se, **kw)
+      assert bt[r].tolist() == ti.tolist() + [-1] * (pad[0] - len(ti)), r
+      assert bs[r].tolist() == si.tolist() + [-1] * (pad[1] - len(si)), r
+      checked += int((ti >= 0).sum())
+  assert checked > 100  # not vacuous: many tokens are in chunks
+
+
+def test_batch_errors_name_the_pair():
+  good = (make_enc([b"ab"]), make_enc([b"a", b"b"]))
+  bad = (make_enc([b"ab"]), make_enc([b"b", b"a"]))
+  with pytest.raises(AlignmentError, match="Pair 1.*different texts"):
+    align_batch([good, bad], pad_to=(4, 4))
+  e = make_enc([b"a", b"b"])
+  broken = Encoding(e.ids, e.starts, e.ends[::-1].copy(), e.special, e.text)
+  with pytest.raises(AlignmentError, match="Pair 1: The student encoding's text tokens"):
+    align_batch([good, (make_enc([b"ab"]), broken)], pad_to=(4, 4))
+  with pytest.raises(ValueError, match="needs bias_tables"):
+    align_batch([good], pad_to=(4, 4), constraint="unbiased")
