@@ -62,9 +62,9 @@ def student_tokenizer() -> BytesTokenizer:
   return BytesTokenizer()
 
 
-def teacher_model(seed: int = 0):
+def teacher_model(seed: int = 0, **overrides):
   """A tiny random llama teacher sized for `teacher_tokenizer()`."""
-  return tiny_model("llama", vocab_size=teacher_tokenizer().vocab_size, seed=seed)
+  return tiny_model("llama", vocab_size=teacher_tokenizer().vocab_size, seed=seed, **overrides)
 
 
 def write_corpus(directory: Path, texts=TEXTS, name: str = "train.jsonl") -> Path:

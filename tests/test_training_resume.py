@@ -1,0 +1,126 @@
+"""Checkpoints: exact resume, atomic saves, refusal of another run's checkpoint, export."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import alm
+from alm.data.pipeline import Pipeline, PipelineConfig
+from alm.training.checkpoint import Checkpointer, CheckpointMismatchError
+from alm.training.config import TrainConfig
+from alm.training.model import build_transfer_model, export_student
+from alm.training.trainer import RunOptions, Trainer, take_batches
+
+import training_utils as tu
+
+T_LEN, S_LEN = 24, 48
+
+
+def _cfg(**kw):
+  base = dict(method="alm+sft", steps=4, batch_size=2, teacher_len=T_LEN, student_len=S_LEN,
+              lora_rank=2, lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1)
+  return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return tu.write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _trainer(corpus, out, cfg, *, model_overrides=None, **opts):
+  tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
+  model = build_transfer_model(tu.teacher_model(0, **(model_overrides or {})), tt, st, cfg)
+  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(
+      batch_size=cfg.batch_size, teacher_len=T_LEN, student_len=S_LEN, seed=cfg.seed))
+  heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
+      batch_size=2, teacher_len=T_LEN, student_len=S_LEN, shuffle=False, num_epochs=1)), 1)
+  run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)
+  return Trainer(model, tt, st, cfg, pipe, heldout, run, fingerprint_extra={"data": "tiny"})
+
+
+def _params(trainer):
+  return [np.asarray(x) for x in jax.tree.leaves(trainer.stepper.state.trainable)]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+  """An uninterrupted 4-step run, and one stopped after 2 steps then resumed."""
+  cfg = _cfg()
+  full_dir = tmp_path_factory.mktemp("full")
+  full = _trainer(corpus, full_dir, cfg, checkpoint_every=2)
+  full_summary = full.fit()
+  part_dir = tmp_path_factory.mktemp("part")
+  stopped = _trainer(corpus, part_dir, cfg, checkpoint_every=2, stop_after=3)
+  assert stopped.fit() == {"stopped_at": 3}  # step 3 was never saved: resume redoes it
+  resumed = _trainer(corpus, part_dir, cfg, checkpoint_every=2)
+  resumed_summary = resumed.fit()
+  return full, full_summary, resumed, resumed_summary, part_dir
+
+
+def test_resumed_run_reaches_the_same_parameters(runs):
+  full, full_summary, resumed, resumed_summary, part_dir = runs
+  assert resumed.stepper.state.step == full.stepper.state.step == 4
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert resumed_summary["final_student_bpb"] == full_summary["final_student_bpb"]
+  assert resumed_summary["init_student_bpb"] == full_summary["init_student_bpb"]
+  # The training losses of the steps after the resume are the same too.
+  def losses(d):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))
+            if r["kind"] == "train"}
+  assert losses(pathlib.Path(full.opts.out_dir)) == losses(part_dir)
+  assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == [
+      "step_00000002", "step_00000004"]
+
+
+def test_checkpoint_of_another_model_or_config_is_refused(runs, corpus, tmp_path):
+  _, _, _, _, part_dir = runs
+  other = _trainer(corpus, part_dir, _cfg(lora_rank=4))
+  with pytest.raises(CheckpointMismatchError, match=r"lora_rank: checkpoint has 2, this run has 4"):
+    other.fit()
+  other_model = _trainer(corpus, part_dir, _cfg(), model_overrides={"hidden_size": 48})
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"(?s)hidden_size: checkpoint has 32, this run has 48.*--checkpoint_dir"):
+    other_model.fit()
+  # Nothing was written or removed by the refused attempts.
+  assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == [
+      "step_00000002", "step_00000004"]
+
+
+def test_failed_save_leaves_no_half_written_checkpoint(runs, tmp_path, monkeypatch):
+  full = runs[0]
+  st = full.stepper.state
+  ck = Checkpointer(tmp_path / "ck", {"run": 1})
+  ck.save(1, st.trainable, st.opt_state, {"pos": 1})
+
+  def boom(*a, **k):
+    raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing the arrays
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+  with pytest.raises(KeyboardInterrupt):
+    ck.save(2, st.trainable, st.opt_state, {"pos": 2})
+  assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000001"]
+  assert ck.latest_step() == 1
+  # A crash that killed the process leaves a .tmp dir; the next open removes it.
+  (tmp_path / "ck" / ".tmp-step_00000003-1-1").mkdir()
+  Checkpointer(tmp_path / "ck", {"run": 1})
+  assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000001"]
+
+
+def test_export_is_loadable_by_alm_load_model(runs, tmp_path):
+  full = runs[0]
+  model = full.model()
+  ids = np.asarray(full.eval_batches[0]["student_ids"])
+  mask = np.asarray(full.eval_batches[0]["student_segment_ids"]) > 0
+  want = np.asarray(model.student(ids, attention_mask=mask).logits)
+  d = export_student(model, tmp_path / "export", tu.student_tokenizer())
+  loaded, tok = alm.load_model(d)
+  assert tok.vocab_size == tu.student_tokenizer().vocab_size
+  got = np.asarray(loaded(ids, attention_mask=mask).logits)
+  np.testing.assert_allclose(got[mask], want[mask], rtol=2e-4, atol=2e-4)
