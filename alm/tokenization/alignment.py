@@ -44,37 +44,48 @@ def _check_constraint(constraint: str) -> None:
                      "('boundary_prob' merging is applied in the loss, on device.)")
 
 
-def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | None, np.ndarray]:
-  """Returns (positions of text tokens, or None if every token is text; their ends), validated."""
-  # Specials, and zero-length text tokens (a SentencePiece dummy-prefix piece
-  # whose byte was stripped), cover no bytes: they are in no text chunk.
-  # Numpy calls dominate at ~500 tokens, so the common cases take few of them
-  # (np.count_nonzero is the cheapest reduction).
+def _tiles(e: np.ndarray, size: int) -> bool:
+  """Whether text-token ends increase strictly from > 0 up to `size` (the tokens tile the text)."""
+  k = e.shape[0]
+  if not k:
+    return not size
+  return bool(e[-1] == size and e[0] > 0 and (k == 1 or not np.count_nonzero(e[1:] <= e[:-1])))
+
+
+def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | int | None, np.ndarray]:
+  """Positions of the text tokens and their ends, validated.
+
+  Text tokens are the non-special tokens with a non-empty span: specials, and
+  zero-length text tokens (a SentencePiece dummy-prefix piece whose byte was
+  stripped), cover no bytes and are in no text chunk.
+
+  Returns:
+    (positions, ends): positions is None when every token is text, an int
+    `j` when the text tokens are exactly tokens `j..n-1` (specials such as a
+    BOS only in front), else an index array. The common cases skip most numpy
+    calls, which dominate the cost at ~500 tokens.
+  """
   ends = enc.ends
   n = ends.shape[0]
-  if not np.count_nonzero(enc.special) and (not n or ends[0] > enc.starts[0]):
-    # No specials and no dummy-prefix piece: every token is text (a zero-length
-    # token further on fails the tiling check below).
-    k, pos, e = n, None, ends
-  else:
-    text = ends > enc.starts
-    text &= ~enc.special
-    k = np.count_nonzero(text)
-    if k == n:
-      pos, e = None, ends
-    else:
-      pos = text.nonzero()[0]
-      e = ends[pos]
-  # Text tokens must tile the text: strictly increasing ends, last == len(text).
-  if k:
-    if (e[-1] != len(enc.text) or e[0] <= 0
-        or (k > 1 and np.count_nonzero(e[1:] <= e[:-1]))):
-      raise AlignmentError(
-          f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
-          f"and the last must be len(text)={len(enc.text)}); build it with tokenizer.encode().")
-  elif len(enc.text):
-    raise AlignmentError(f"The {side} encoding has text but no text tokens.")
-  return pos, e
+  size = len(enc.text)
+  n_sp = int(np.count_nonzero(enc.special))
+  if not n_sp or (n_sp < n and np.count_nonzero(enc.special[:n_sp]) == n_sp):
+    # Specials (if any) only in front: the rest are text if they tile the text
+    # and the first is not empty; anything else takes the general path.
+    e = ends[n_sp:]
+    if _tiles(e, size) and (n_sp == n or e[0] > enc.starts[n_sp]):
+      return (n_sp or None), e
+  text = ends > enc.starts
+  text &= ~enc.special
+  pos = text.nonzero()[0]
+  e = ends[pos]
+  if not _tiles(e, size):
+    if not len(e):
+      raise AlignmentError(f"The {side} encoding has text but no text tokens.")
+    raise AlignmentError(
+        f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
+        f"and the last must be len(text)={size}); build it with tokenizer.encode().")
+  return (None if len(pos) == n else pos), e
 
 
 def _match_specials(t: Encoding, s: Encoding, common: np.ndarray, tokenizers) -> list:
@@ -202,8 +213,8 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
     # strictly before its end: before[x] = #common < x, read at the token ends.
     # Chunk 0 is dropped when it holds token 0 of either side (not when token 0
     # is a special on both sides: then it is in no chunk).
-    drop = ((t_pos is None or t_pos[0] == 0) if len(t_end) else False) or \
-        ((s_pos is None or s_pos[0] == 0) if len(s_end) else False)
+    drop = (len(t_end) and (t_pos is None or (not isinstance(t_pos, int) and t_pos[0] == 0))) or \
+        (len(s_end) and (s_pos is None or (not isinstance(s_pos, int) and s_pos[0] == 0)))
     before = np.empty(size + 1, np.int32)
     before[0] = 0
     np.add.accumulate(both, dtype=np.int32, out=before[1:])  # before[x + 1] = #common <= x
@@ -212,18 +223,12 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
     # before[e] = #common <= e - 1 = #common < e.
     t_chunk = before[t_end]
     s_chunk = before[s_end]
-    if t_pos is not None:
-      t_ids = np.empty(n, np.int32)  # np.full is a slower Python wrapper
-      t_ids.fill(-1)
-      t_ids[t_pos] = t_chunk
-      t_chunk = t_ids
-    if s_pos is not None:
-      s_ids = np.empty(m, np.int32)
-      s_ids.fill(-1)
-      s_ids[s_pos] = s_chunk
-      s_chunk = s_ids
-    return t_chunk, s_chunk
+    return _scatter(t_chunk, t_pos, n), _scatter(s_chunk, s_pos, m)
 
+  if isinstance(t_pos, int):
+    t_pos = np.arange(t_pos, n)
+  if isinstance(s_pos, int):
+    s_pos = np.arange(s_pos, m)
   hit = both[t_end]  # teacher text tokens ending at a common boundary
   s_hit = both[s_end]
   common = t_end[hit]
@@ -287,6 +292,20 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
     t_ids = np.where(t_ids >= 0, new[np.maximum(t_ids, 0)], -1).astype(np.int32)
     s_ids = np.where(s_ids >= 0, new[np.maximum(s_ids, 0)], -1).astype(np.int32)
   return t_ids, s_ids
+
+
+def _scatter(chunk: np.ndarray, pos, n: int) -> np.ndarray:
+  """Per-token ids from the text tokens' ids (-1 elsewhere); `pos` as from `_text_ends`."""
+  if pos is None:
+    return chunk
+  out = np.empty(n, np.int32)  # np.full is a slower Python wrapper
+  if isinstance(pos, int):
+    out[:pos] = -1
+    out[pos:] = chunk
+  else:
+    out.fill(-1)
+    out[pos] = chunk
+  return out
 
 
 def _constraint_keep(constraint, t, s, t_pos, t_end, s_pos, s_end, common, hit, matched,

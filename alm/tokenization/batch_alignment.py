@@ -37,14 +37,8 @@ class _Side:
     base = self.row * k
     self.starts = starts + base
     self.ends = ends + base
-    # Text tokens: non-special, non-empty, except that (as in
-    # alignment._text_ends) a row without specials whose token 0 is not empty
-    # counts every token as text, so a stray empty token fails validation.
+    # Text tokens: non-special, non-empty (as in alignment._text_ends).
     text = (ends > starts) & ~self.special
-    firsts = self.offs[:-1][self.lens > 0]
-    simple = np.bincount(self.row[self.special], minlength=b) == 0
-    simple[self.lens > 0] &= ends[firsts] > starts[firsts]
-    text |= simple[self.row]
     self.pos = np.flatnonzero(text)  # global token index of each text token
     self.end = self.ends[self.pos]  # sorted over the whole batch once validated
     self.trow = self.row[self.pos]
