@@ -39,3 +39,12 @@ def test_combined_mean_uses_each_losses_own_count():
   assert float(ntp.combined_mean({"alm": a, "ntp": b}, {"alm": 1.0, "ntp": 0.5})) == 3.0
   got = ntp.combined_mean({"alm": a}, {"alm": 1.0}, {"alm": jnp.float32(6.0)})
   assert float(got) == 1.0
+
+
+def test_without_loss_mask_every_predicted_token_of_every_row_counts():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 5, 6)).astype(np.float32)
+  ids = rng.integers(0, 6, (3, 5)).astype(np.int32)
+  out = ntp.next_token_loss(jnp.asarray(x), jnp.asarray(ids))
+  assert int(out.count) == 3 * 4
+  np.testing.assert_allclose(out.mean(), ref.ntp(x, ids)[0], rtol=1e-5)

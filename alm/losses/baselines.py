@@ -37,7 +37,7 @@ sft_loss = next_token_loss  # SFT = NTP on the student's own tokens.
 def _predicting_positions(ids, loss_mask):
   """Rows' predicting positions (t-1 of trained tokens t), compacted."""
   b, t = ids.shape
-  keep = jnp.arange(t)[None, :] > 0
+  keep = jnp.broadcast_to(jnp.arange(t)[None, :] > 0, (b, t))
   if loss_mask is not None:
     keep = keep & loss_mask.astype(bool)
   # Stable sort puts the kept positions first, in order.

@@ -28,7 +28,7 @@ def next_token_loss(logits: jax.Array, ids: jax.Array,
     `LossSum(total=sum of -log p, count=number of predicted tokens)`.
   """
   tok = chunks_lib.token_logprobs(logits, ids)
-  keep = jnp.arange(ids.shape[1])[None, :] > 0
+  keep = jnp.broadcast_to(jnp.arange(ids.shape[1])[None, :] > 0, ids.shape)
   if loss_mask is not None:
     if loss_mask.shape != ids.shape:
       raise ValueError(f"loss_mask must be [B, T] = {ids.shape}, got "
