@@ -92,3 +92,17 @@ def test_smollm2_same_logits_on_1_2_8_devices():
 def test_sharding_rules_validate():
   with pytest.raises(ValueError, match="valid mesh axes: data, fsdp, tensor"):
     ShardingRules(vocab="model")
+
+
+def test_logical_to_spec_replicates_indivisible_dims_and_uses_each_axis_once():
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+  from alm.models.sharding import logical_to_spec
+  mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  rules = ShardingRules()
+  assert logical_to_spec(("vocab", "embed"), (64, 32), mesh, rules) == P("tensor", "fsdp")
+  assert logical_to_spec(("embed", "kv_heads"), (32, 3), mesh, rules) == P("fsdp", None)
+  assert logical_to_spec(("heads", "mlp"), (8, 8), mesh, rules) == P("tensor", None)
+  assert logical_to_spec(("batch", None), (8, 5), mesh, rules) == P(("data", "fsdp"), None)
+  assert logical_to_spec(("norm",), (7,), mesh, rules) == P(None)
+  with pytest.raises(ValueError, match="Unknown logical axis 'foo'"):
+    logical_to_spec(("foo",), (4,), mesh, rules)

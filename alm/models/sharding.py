@@ -142,23 +142,9 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh,
   Returns:
     The same model, its arrays now sharded.
   """
-  shardings = model_shardings(model, mesh, rules)
   state = nnx.state(model)
-  values = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-  sh = jax.tree.map(lambda s: s, shardings)
-  placed = jax.device_put(
-      jax.tree.leaves(values), jax.tree.leaves(sh, is_leaf=lambda x: isinstance(x, NamedSharding)))
-  leaves_iter = iter(placed)
-
-  def put(v):
-    if isinstance(v, nnx.Variable):
-      v.set_value(next(leaves_iter))
-      return v
-    return next(leaves_iter)
-
-  jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  nnx.update(model, state)
+  # A NamedSharding in place of each Variable is a pytree prefix of the state.
+  nnx.update(model, jax.device_put(state, model_shardings(model, mesh, rules)))
   return model
 
 
