@@ -276,3 +276,18 @@ def test_bad_inputs_give_clear_errors():
     generate(model, [[1, 99]], max_new_tokens=2)
   with pytest.raises(InputError, match="left-pad"):
     generate(model, [[1, 2]], attention_mask=[[1, 0]], max_new_tokens=2)
+
+
+def test_bits_per_byte_against_manual_computation():
+  import alm
+  from alm.models.scoring import bits_per_byte
+  tok = alm.load_tokenizer("bytes")
+  model = tiny_model("llama", tok.vocab_size, seed=10)
+  text = "héllo wörld"
+  enc = tok.encode(text)
+  logits = np.asarray(fwd(model, jnp.asarray(enc.ids[None])).logits[0], np.float64)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  nll_bits = -sum(logits[t - 1, enc.ids[t]] - lse[t - 1] for t in range(1, len(enc))) / np.log(2)
+  assert enc.special[0] and not enc.special[1:].any()
+  want = nll_bits / len(text.encode())
+  assert abs(bits_per_byte(model, tok, text) - want) < 1e-4 * want
