@@ -1,22 +1,26 @@
 """Average chunk lengths of the `unbiased` constraint next to `unconstrained`.
 
   python -m benchmarks.bench_bias_tables --tables=/tmp/bias/gemma3-qwen3 \
-      --teacher=gemma3-270m --student=qwen3 --max_bytes=300000
+      --teacher=gemma3-270m --student=qwen3
 
-Text: Python standard-library sources *not* used for counting (read from the
-end of the file list), cut into 4,000-character documents.
+Text: the held-out split of the offline default corpus
+(`alm.data.corpus.default_corpus("heldout")`), never used for counting when
+the tables are built on the train split. Also reports how many of the
+unconstrained chunk boundaries have a last-token pair missing from the tables
+(those count as biased, i.e. are merged).
 """
 
 from __future__ import annotations
 
-import glob
-import os
+import json
 
 import numpy as np
 from absl import app, flags
 
 import alm
 from alm.tokenization.alignment import align
+from alm.data.corpus import default_corpus
+from alm.tokenization.alignment import last_token_indices
 from alm.tokenization.bias import BiasTables
 
 FLAGS = flags.FLAGS
@@ -24,7 +28,7 @@ flags.DEFINE_string("tables", None, "Directory written by experiments/compute_bi
                     required=True)
 flags.DEFINE_string("teacher", "gemma3-270m", "Teacher tokenizer.")
 flags.DEFINE_string("student", "qwen3", "Student tokenizer.")
-flags.DEFINE_integer("max_bytes", 300_000, "Bytes of text to align.")
+flags.DEFINE_integer("max_bytes", 10_000_000, "At most this many bytes of held-out text.")
 flags.DEFINE_list("gammas", ["1e-4", "1e-3", "1e-2", "0.1", "0.5"], "Bias thresholds.")
 
 
@@ -32,18 +36,23 @@ def main(argv):
   del argv
   teacher, student = alm.load_tokenizer(FLAGS.teacher), alm.load_tokenizer(FLAGS.student)
   tables = BiasTables.load(FLAGS.tables)
-  files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[::-1]
   docs, n = [], 0
-  for f in files:
-    with open(f, encoding="utf-8", errors="replace") as fh:
-      src = fh.read()
-    for lo in range(0, len(src), 4000):
-      docs.append(src[lo:lo + 4000])
-      n += len(docs[-1].encode())
-    if n >= FLAGS.max_bytes:
-      break
+  for f in default_corpus("heldout"):
+    for line in open(f, encoding="utf-8"):
+      if n < FLAGS.max_bytes and line.strip():
+        docs.append(json.loads(line)["text"])
+        n += len(docs[-1].encode("utf-8"))
   encs = [(teacher.encode(d), student.encode(d)) for d in docs]
   encs = [(t, s) for t, s in encs if t.text == s.text]
+  # Coverage: last-token pairs of the unconstrained boundaries found in the tables.
+  found = total = 0
+  for t, s in encs:
+    ti, si = align(t, s)
+    lt, ls = last_token_indices(ti), last_token_indices(si)
+    b1, _ = tables.lookup(t.ids[lt], s.ids[ls])
+    found += int(np.isfinite(b1).sum())
+    total += len(lt)
+  print(f"boundary pairs found in the tables: {found}/{total} ({found / max(total, 1):.1%})")
   settings = [("unconstrained", None)] + [("unbiased", float(g)) for g in FLAGS.gammas]
   print(f"{len(encs)} documents, {n} bytes; {FLAGS.teacher} -> {FLAGS.student}; "
         f"tables: {len(tables.keys)} pairs")
