@@ -276,6 +276,17 @@ class Stepper:
     """The model with the current parameters."""
     return self.state.model()
 
+  def compile(self, batch: dict[str, np.ndarray]):
+    """The compiled step for batches shaped like `batch` (for benchmarks).
+
+    Call it as `trainable, opt_state, metrics = c(trainable, opt_state, frozen,
+    micro, consts)` with `micro = self.put_batch(batch)`; its
+    `memory_analysis()` gives XLA's buffer sizes of the step.
+    """
+    s = self.state
+    return self._step.lower(s.trainable, s.opt_state, s.frozen, self.put_batch(batch),
+                            self.consts).compile()
+
 
 def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
