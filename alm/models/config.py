@@ -8,7 +8,8 @@ share one config and one implementation (`alm.models.transformer`).
 Two constructors read foreign formats and fail loudly on anything they do not
 understand, instead of silently computing something else (penzai's habit):
 `ModelConfig.from_hf_config(config_json_dict)` and
-`ModelConfig.from_gguf(gguf_reader)`. `to_hf_config()` writes the HF form back.
+`ModelConfig.from_gguf(path_or_reader)` (in `hf_config.py` and
+`gguf_config.py`). `to_hf_config()` writes the HF form back.
 """
 
 from __future__ import annotations
