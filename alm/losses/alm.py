@@ -55,6 +55,9 @@ class ALMConfig:
       `exp(-eps) < 1`, so that `log(1 - a)` and the gradients stay finite for
       chunks whose float32 log-likelihood is exactly 0. Both sides are capped
       identically, so identical likelihoods still give exactly 0.
+    block_rows: rows (batch x positions) per block of the vocabulary pass
+      (`alm.losses.chunks.vocab_logsumexps`); bounds the float32 temporaries
+      at `block_rows x V x 4` bytes.
   """
 
   divergence: Divergence = "kl"
@@ -63,6 +66,7 @@ class ALMConfig:
   gamma: float = 0.1
   debias: bool = True
   eps: float = 1e-7
+  block_rows: int = chunks_lib.DEFAULT_BLOCK_ROWS
 
   def __post_init__(self):
     _check_choice("divergence", self.divergence, Divergence)
@@ -73,6 +77,9 @@ class ALMConfig:
       raise ValueError(f"gamma must be positive, got {self.gamma}")
     if not 0 < self.eps < 1:
       raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+    if not (isinstance(self.block_rows, int) and self.block_rows >= 1):
+      raise ValueError(f"block_rows must be a positive int, got "
+                       f"{self.block_rows!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -296,7 +303,8 @@ def aligned_chunk_logprobs(
     need_boundary = (config.debias or (frozen and
                                        config.constraint == "boundary_prob"))
     tok = chunks_lib.token_logprobs(
-        logits, side.ids, side.boundary_mask if need_boundary else None)
+        logits, side.ids, side.boundary_mask if need_boundary else None,
+        block_rows=config.block_rows)
     sides.append(chunks_lib.chunk_logprobs(tok, side.chunk_ids, c,
                                            side.loss_mask))
   ct, cs = sides

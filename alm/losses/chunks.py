@@ -5,10 +5,12 @@ A chunk's log-likelihood needs only two numbers per position out of the whole
 next-token distribution: the log-prob of the observed next token, and
 (for outcome-chunk debiasing) the log-prob that the next token starts with a
 pretoken-boundary byte. Both are log-sum-exps over the vocabulary, so this
-module reduces logits to per-position scalars in one fused pass over the
-vocabulary (`vocab_logsumexps`) whose backward pass is written by hand: the
-only [B, T, V] array it ever creates is the gradient itself, in the logits'
-dtype, exactly as plain cross-entropy does.
+module reduces logits to per-position scalars in a blockwise pass over the
+positions (`vocab_logsumexps`: a loop over blocks of rows, each reduced over
+the whole vocabulary) whose backward pass is written by hand and recomputes
+block by block: the float32 temporaries never exceed one block, and the only
+[B, T, V] arrays are the gradient itself, in the logits' dtype, and one raw
+copy of the logits (see `_slice_block`).
 
 Chunks are given as one int32 chunk id per token (-1 = in no chunk), as
 produced by `alm.align`; per-chunk quantities are per-row segment sums.
@@ -86,29 +88,16 @@ def _stats_fwd_math(logits, targets, mask):
   return lse, masked_lse, picked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _vocab_stats(logits, targets, mask, has_mask):
-  mask = mask if has_mask else None
-  return _stats_fwd_math(logits, targets, mask)
-
-
-def _vocab_stats_fwd(logits, targets, mask, has_mask):
-  out = _vocab_stats(logits, targets, mask, has_mask)
-  lse, masked_lse, _ = out
-  # Residuals are the logits (alive anyway) and [B, T] scalars only.
-  return out, (logits, targets, mask, lse, masked_lse)
-
-
-def _vocab_stats_bwd(has_mask, res, g):
-  logits, targets, mask, lse, masked_lse = res
-  g_lse, g_mlse, g_picked = g
+def _stats_bwd_math(logits, targets, mask, lse, masked_lse, g_lse, g_mlse,
+                    g_picked):
+  """d(lse, masked_lse, picked) / d logits, in the logits' dtype."""
   f32 = jnp.float32
   x = logits.astype(f32)
   vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
   onehot = vocab == targets[..., None]
   # d lse = softmax, d masked_lse = masked softmax, d picked = onehot.
   grad = jnp.where(onehot, g_picked[..., None], 0.0)
-  if has_mask:
+  if mask is not None:
     # One exp per element: masked entries use exp(x - masked_lse) and rescale
     # to exp(x - lse) by the (<= 1) per-row factor exp(masked_lse - lse).
     safe_mlse = jnp.where(jnp.isfinite(masked_lse), masked_lse, lse)
@@ -120,7 +109,106 @@ def _vocab_stats_bwd(has_mask, res, g):
         e * g_lse[..., None])
   else:
     grad = grad + jnp.exp(x - lse[..., None]) * g_lse[..., None]
-  return grad.astype(logits.dtype), None, None
+  return grad.astype(logits.dtype)
+
+
+# Rows (batch x positions) per block of the vocabulary pass. A block's float32
+# temporaries are at most `rows x V x 4` bytes (64 MiB at V = 262,144), so the
+# loss's memory no longer depends on which elementwise ops XLA decides to fuse.
+DEFAULT_BLOCK_ROWS = 64
+
+
+def _block_len(b, t, block_rows):
+  """Positions per block: blocks span the whole batch axis (so a batch-sharded
+  input stays sharded inside the loop) and `block_rows // b` positions."""
+  return max(1, min(t, block_rows // max(b, 1)))
+
+
+def _slice_block(a, s, tb):
+  """`a[:, s:s + tb]`, sliced as raw bits for floating-point arrays.
+
+  XLA's CPU backend upcasts bf16 data movement to float32 and then hoists the
+  loop-invariant convert of the whole [B, T, V] logits out of the loop,
+  rebuilding exactly the tensor the loop exists to avoid. Slicing the bits
+  (an integer array) leaves nothing to upcast or hoist.
+  """
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    return jax.lax.dynamic_slice_in_dim(a, s, tb, axis=1)
+  bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+  raw = jax.lax.bitcast_convert_type(a, bits)
+  blk = jax.lax.optimization_barrier(
+      jax.lax.dynamic_slice_in_dim(raw, s, tb, axis=1))
+  return jax.lax.bitcast_convert_type(blk, a.dtype)
+
+
+def _blockwise(fn, arrays, outs_init, tb, t):
+  """Runs `fn` on position blocks [:, s:s + tb] and writes its outputs back.
+
+  The last block starts at `t - tb` (clamped) and so may overlap the one
+  before it: overlapping positions are recomputed and rewritten with the
+  same values, which keeps every block the same static shape for any `t`.
+
+  Args:
+    fn: block arrays -> tuple of [B, tb, ...] outputs.
+    arrays: inputs, each [B, T, ...] (sliced) or None/[V] (passed whole).
+    outs_init: tuple of [B, T, ...] output buffers (updated in place).
+    tb: static block length.
+    t: static T.
+
+  Returns:
+    The filled output buffers.
+  """
+  nb = -(-t // tb)
+  if nb == 1:
+    return fn(*arrays)
+
+  def body(i, outs):
+    s = jnp.minimum(i * tb, t - tb)
+    blk = [a if (a is None or a.ndim < 2) else _slice_block(a, s, tb)
+           for a in arrays]
+    new = fn(*blk)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, n, s, axis=1)
+                 for o, n in zip(outs, new))
+
+  return jax.lax.fori_loop(0, nb, body, tuple(outs_init))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _vocab_stats(logits, targets, mask, has_mask, block_rows):
+  b, t, _ = logits.shape
+  tb = _block_len(b, t, block_rows)
+  zeros = jnp.zeros((b, t), jnp.float32)
+  if has_mask:
+    fn = lambda x, tg: _stats_fwd_math(x, tg, mask)
+    return _blockwise(fn, (logits, targets), (zeros,) * 3, tb, t)
+  fn = lambda x, tg: (lambda r: (r[0], r[2]))(_stats_fwd_math(x, tg, None))
+  lse, picked = _blockwise(fn, (logits, targets), (zeros,) * 2, tb, t)
+  return lse, None, picked
+
+
+def _vocab_stats_fwd(logits, targets, mask, has_mask, block_rows):
+  out = _vocab_stats(logits, targets, mask, has_mask, block_rows)
+  lse, masked_lse, _ = out
+  # Residuals are the logits (alive anyway) and [B, T] scalars only.
+  return out, (logits, targets, mask, lse, masked_lse)
+
+
+def _vocab_stats_bwd(has_mask, block_rows, res, g):
+  logits, targets, mask, lse, masked_lse = res
+  g_lse, g_mlse, g_picked = g
+  b, t, _ = logits.shape
+  tb = _block_len(b, t, block_rows)
+  if has_mask:
+    fn = lambda *a: (_stats_bwd_math(a[0], a[1], mask, *a[2:]),)
+    arrays = (logits, targets, lse, masked_lse, g_lse, g_mlse, g_picked)
+  else:
+    fn = lambda x, tg, l, gl, gp: (_stats_bwd_math(x, tg, None, l, None, gl,
+                                                   None, gp),)
+    arrays = (logits, targets, lse, g_lse, g_picked)
+  # The gradient buffer is the only [B, T, V] array: the blocks' gradients are
+  # written into it in place.
+  (grad,) = _blockwise(fn, arrays, (jnp.zeros_like(logits),), tb, t)
+  return grad, None, None
 
 
 _vocab_stats.defvjp(_vocab_stats_fwd, _vocab_stats_bwd)
@@ -130,22 +218,29 @@ def vocab_logsumexps(
     logits: jax.Array,
     targets: jax.Array,
     mask: jax.Array | None = None,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """Log-sum-exps and picked logits of every position, in one fused pass.
+  """Log-sum-exps and picked logits of every position, block by block.
 
   `lse[b, t] = log sum_v exp(logits[b, t, v])`,
   `masked_lse[b, t] = log sum_{v : mask[v]} exp(logits[b, t, v])`,
   `picked[b, t] = logits[b, t, targets[b, t]]`, all in float32.
 
-  The forward pass reduces over the vocabulary without storing a float32 copy
-  of the logits; the backward pass writes the gradient
-  `g_lse * softmax + g_mlse * masked_softmax + g_picked * onehot` in one
-  elementwise pass in the logits' dtype (bf16 logits get a bf16 gradient).
+  The positions are processed in blocks of about `block_rows` rows (the whole
+  batch times `block_rows // B` positions) in a `fori_loop`, both forward and
+  backward (a custom VJP that recomputes each block from the logits), so the
+  float32 temporaries never exceed one block whatever XLA fuses. The backward
+  pass writes `g_lse * softmax + g_mlse * masked_softmax + g_picked * onehot`
+  block by block into one gradient buffer in the logits' dtype (bf16 logits
+  get a bf16 gradient): the only [B, T, V] array the loss creates, as for
+  plain cross-entropy.
 
   Args:
     logits: [B, T, V] (any float dtype).
     targets: int [B, T] vocabulary ids (read only by `picked`).
     mask: optional bool [V].
+    block_rows: rows (batch x positions) per block; >= 1.
 
   Returns:
     (lse, masked_lse or None, picked), each float32 [B, T].
@@ -160,10 +255,12 @@ def vocab_logsumexps(
     raise ValueError(
         f"boundary mask must be bool [V] = [{logits.shape[-1]}] (one entry per "
         f"vocabulary id of this model), got shape {mask.shape}")
+  if not (isinstance(block_rows, int) and block_rows >= 1):
+    raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
   targets = jnp.clip(targets.astype(jnp.int32), 0, logits.shape[-1] - 1)
   has_mask = mask is not None
   mask_arg = mask.astype(bool) if has_mask else jnp.zeros((0,), bool)
-  return _vocab_stats(logits, targets, mask_arg, has_mask)
+  return _vocab_stats(logits, targets, mask_arg, has_mask, block_rows)
 
 
 @jax.tree_util.register_dataclass
@@ -187,6 +284,8 @@ def token_logprobs(
     logits: jax.Array,
     ids: jax.Array,
     boundary_mask: jax.Array | None = None,
+    *,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> TokenLogProbs:
   """Next-token log-probs along the observed path, and boundary log-probs.
 
@@ -200,13 +299,15 @@ def token_logprobs(
     ids: int [B, T] token ids.
     boundary_mask: optional bool [V]: tokens whose first byte is a
       pretoken-boundary byte, or EOS (`tokenizer.boundary_token_mask()`).
+    block_rows: rows per block of the vocabulary pass (`vocab_logsumexps`).
 
   Returns:
     A `TokenLogProbs`.
   """
   targets = jnp.concatenate(
       [ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next token
-  lse, masked_lse, picked = vocab_logsumexps(logits, targets, boundary_mask)
+  lse, masked_lse, picked = vocab_logsumexps(logits, targets, boundary_mask,
+                                             block_rows=block_rows)
   path = jnp.pad((picked - lse)[:, :-1], ((0, 0), (1, 0)))
   boundary = None if masked_lse is None else masked_lse - lse
   return TokenLogProbs(path=path, boundary=boundary)
