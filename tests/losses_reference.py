@@ -181,3 +181,84 @@ def ntp(logits, ids, loss_mask=None):
     row[ids[i][j]] -= 1
     grad[i, j - 1] += row / max(len(items), 1)
   return total / max(len(items), 1), grad
+
+
+def dskd(teacher, student, params, temperature=1.0, kd_params=None):
+  """DSKD (cross-model attention) loss total and count, float64, by loops.
+
+  Args:
+    teacher, student: dicts with logits [B,T,V], hidden [B,T,D], ids,
+      embedding [V,D], unembedding [D,V], optional loss_mask [B,T].
+    params: dict of float64 arrays q_w [2Ds,2Dt], q_b, s2t_w [Ds,Dt], s2t_b,
+      t2s_w [Dt,Ds], t2s_b (x @ w + b).
+    kd_params: the parameters that make the (stop-gradient) t2s distribution
+      of the student-space KL term, default `params`; finite differences
+      with respect to the projector hold them at the base point.
+
+  Returns:
+    (total, count).
+  """
+  f = lambda a: np.asarray(a, np.float64)
+  b_size = len(student["ids"])
+
+  def positions(side):
+    ids = side["ids"]
+    lm = side.get("loss_mask")
+    return [[j for j in range(len(ids[i]) - 1)
+             if lm is None or lm[i][j + 1]] for i in range(b_size)]
+
+  ps, pt = positions(student), positions(teacher)
+  es, et = f(student["embedding"]), f(teacher["embedding"])
+
+  def std(vectors):
+    x = np.concatenate([np.ravel(v) for v in vectors])
+    return math.sqrt(np.mean((x - x.mean()) ** 2))
+
+  tid, sid = teacher["ids"], student["ids"]
+  k_all = [np.concatenate([et[tid[i][j]], et[tid[i][j + 1]]])
+           for i in range(b_size) for j in pt[i]]
+  tg_all = [et[tid[i][j + 1]] for i in range(b_size) for j in pt[i]]
+  h_all = [f(teacher["hidden"])[i, j] for i in range(b_size) for j in pt[i]]
+  k_std, tg_std, h_std = std(k_all), std(tg_all), std(h_all)
+  d_t = et.shape[1]
+  total, count = 0.0, 0
+
+  def log_softmax(x):
+    return x - logsumexp(x)
+
+  def kl(p, q):
+    lp, lq = log_softmax(p / temperature), log_softmax(q / temperature)
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+  kd_params = params if kd_params is None else kd_params
+
+  def t2s(i, a, p):
+    q = np.concatenate([es[sid[i][a]], es[sid[i][a + 1]]]) @ p["q_w"] + p["q_b"]
+    score = [q @ (np.concatenate([et[tid[i][j]], et[tid[i][j + 1]]]) / k_std)
+             / math.sqrt(2 * d_t) for j in pt[i]]
+    vt = [(f(teacher["hidden"])[i, j] / h_std + et[tid[i][j + 1]] / tg_std)
+          @ p["t2s_w"] + p["t2s_b"] for j in pt[i]]
+    h = sum(wj * v for wj, v in zip(softmax(np.array(score)), vt))
+    return h @ f(student["unembedding"])
+
+  for i in range(b_size):
+    q = {j: np.concatenate([es[sid[i][j]], es[sid[i][j + 1]]]) @ params["q_w"]
+         + params["q_b"] for j in ps[i]}
+    k = {j: np.concatenate([et[tid[i][j]], et[tid[i][j + 1]]]) / k_std
+         for j in pt[i]}
+    vs = {a: f(student["hidden"])[i, a] @ params["s2t_w"] + params["s2t_b"]
+          for a in ps[i]}
+    score = {(a, j): q[a] @ k[j] / math.sqrt(2 * d_t) for a in ps[i]
+             for j in pt[i]}
+    for a in ps[i]:  # teacher -> student space
+      target = sid[i][a + 1]
+      total -= log_softmax(t2s(i, a, params))[target]
+      z = t2s(i, a, kd_params)
+      if int(np.argmax(z)) == target:
+        total += kl(z, f(student["logits"])[i, a])
+      count += 1
+    for j in pt[i]:  # student -> teacher space
+      w = softmax(np.array([score[a, j] for a in ps[i]]))
+      h = sum(wa * vs[a] for wa, a in zip(w, ps[i]))
+      total += kl(f(teacher["logits"])[i, j], h @ f(teacher["unembedding"]))
+  return total, count

@@ -8,9 +8,12 @@
     Universal Logit Distillation Loss for LLMs": L1 between sorted
     probability vectors, positions paired by index.
 
+  * DSKD: Zhang et al. 2024, "Dual-Space Knowledge Distillation for Large
+    Language Models", cross-model attention: `alm.losses.dskd` (re-exported
+    here as `dskd_loss`, `DSKDSide`, `DSKDProjector`).
+
 Each returns a `LossSum` of its distillation term; add NTP with
 `alm.losses.ntp.combined_mean` as in the papers.
-DSKD (Zhang et al. 2024) is not implemented yet.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alm.losses import chunks as chunks_lib
+from alm.losses.dskd import DSKDProjector, DSKDSide, dskd_loss  # noqa: F401
 from alm.losses.ntp import next_token_loss
 from alm.losses.reduce import LossSum
 
