@@ -106,6 +106,12 @@ class Checkpointer:
     Returns:
       The checkpoint directory.
     """
+    if jax.process_count() > 1:
+      # The tmp-dir + rename protocol below is single-writer; several hosts
+      # would race on it. Orbax's CheckpointManager is the multi-host path.
+      raise NotImplementedError(
+          "Checkpointer.save is single-process; for multi-host runs pass --checkpoint_dir= "
+          "(disable) until multi-host checkpoints are implemented.")
     final = self.path(step)
     tmp = self.directory / f".tmp-step_{step:08d}-{os.getpid()}-{time.time_ns()}"
     tree = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state)}

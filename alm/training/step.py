@@ -256,12 +256,25 @@ class Stepper:
   # -- host side --------------------------------------------------------------
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Splits a global batch into micro-batches and shards it over the mesh."""
+    """Splits a batch into micro-batches and shards them over the mesh.
+
+    Single process: `batch` is the global batch. Multi-host (after
+    `jax.distributed.initialize()`): `batch` is this process's share of the
+    global batch (`batch_size / process_count` rows, its own data shard), and
+    the global arrays are assembled with `jax.make_array_from_process_local_data`.
+    """
     micro = _micro_split({k: np.asarray(batch[k]) for k in BATCH_KEYS}, self.cfg.grad_accum)
     data = sharding_lib.batch_sharding(self.mesh, 2)
     spec = PartitionSpec(None, *data.spec)
-    return {k: jax.device_put(v, NamedSharding(self.mesh, PartitionSpec(*spec[:v.ndim])))
-            for k, v in micro.items()}
+    out = {}
+    for k, v in micro.items():
+      sh = NamedSharding(self.mesh, PartitionSpec(*spec[:v.ndim]))
+      if jax.process_count() > 1:
+        shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(sh, v, shape)
+      else:
+        out[k] = jax.device_put(v, sh)
+    return out
 
   def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """One optimizer step on a global batch; returns the step's metrics (device arrays)."""

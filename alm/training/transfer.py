@@ -64,9 +64,16 @@ def _pipeline_config(cfg: TrainConfig, job: TransferJob, *, eval_: bool = False)
     return PipelineConfig(batch_size=job.eval_batch_size, teacher_len=cfg.teacher_len,
                           student_len=cfg.student_len, mode="pad", shuffle=False, num_epochs=1,
                           seed=0, align_constraint="unconstrained")
-  return PipelineConfig(batch_size=cfg.batch_size, teacher_len=cfg.teacher_len,
+  import jax  # pylint: disable=import-outside-toplevel
+  n_proc = jax.process_count()
+  if cfg.batch_size % n_proc:
+    raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of "
+                     f"processes ({n_proc}).")
+  # Multi-host: every process reads its own shard and its share of the batch.
+  return PipelineConfig(batch_size=cfg.batch_size // n_proc, teacher_len=cfg.teacher_len,
                         student_len=cfg.student_len, mode="pack" if job.pack else "pad",
-                        seed=cfg.seed, num_workers=job.num_workers, align_constraint=align)
+                        seed=cfg.seed, num_workers=job.num_workers, align_constraint=align,
+                        shard_index=jax.process_index(), shard_count=n_proc)
 
 
 def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
