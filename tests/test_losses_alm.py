@@ -46,7 +46,7 @@ def random_side(rng, b, t, v, chunk_ids, scale=2.0):
   )
 
 
-def random_batch(seed, b=3, tt=12, ts=11, vt=13, vs=9):
+def random_batch(seed, b=4, tt=12, ts=11, vt=13, vs=9):
   rng = np.random.default_rng(seed)
   ct, cs = random_chunk_ids(rng, b, tt, ts)
   teacher = random_side(rng, b, tt, vt, ct)
@@ -89,15 +89,59 @@ def jax_loss_and_grad(teacher, student, config, bias=None, dtype=jnp.float32):
   return jax_losses_and_grads(teacher, student, [config], bias, dtype)[0]
 
 
-def test_token_logprobs_match_reference():
+# One config per divergence x constraint (tau small enough that chunk
+# probabilities are far from 0 and 1), the defaults with and without
+# debiasing, and a blockwise vocabulary pass with several (overlapping)
+# blocks. Tests at the standard shapes share this one compiled function.
+COMBOS = list(itertools.product(DIVERGENCES, CONSTRAINTS))
+CONFIGS = tuple(
+    [alm_lib.ALMConfig(divergence=d, tau=3.0, constraint=c, gamma=0.35)
+     for d, c in COMBOS]
+    + [alm_lib.ALMConfig(), alm_lib.ALMConfig(debias=False),
+       alm_lib.ALMConfig(tau=3.0, constraint="boundary_prob", gamma=0.35,
+                         block_rows=8)])
+REF_KW = ([dict(divergence_kind=d, tau=3.0, constraint=c, gamma=0.35)
+           for d, c in COMBOS]
+          + [dict(tau=100.0), dict(tau=100.0, debias=False),
+             dict(tau=3.0, constraint="boundary_prob", gamma=0.35)])
+
+
+def test_vocab_logsumexps_match_reference_for_every_block_size():
   teacher, _, _ = random_batch(0)
-  x = jnp.asarray(teacher["logits"])
-  tok = chunks_lib.token_logprobs(x, jnp.asarray(teacher["ids"]),
-                                  jnp.asarray(teacher["boundary_mask"]))
+  x, ids = jnp.asarray(teacher["logits"]), jnp.asarray(teacher["ids"])
+  mask = jnp.asarray(teacher["boundary_mask"])
   path, bnd = ref.token_logprobs(teacher["logits"], teacher["ids"],
                                  teacher["boundary_mask"])
-  np.testing.assert_allclose(tok.path, path, atol=2e-5)
-  np.testing.assert_allclose(tok.boundary, bnd, atol=2e-5)
+  w = np.random.default_rng(1).normal(size=(2,) + ids.shape)
+
+  @functools.partial(jax.jit, static_argnames="block_rows")
+  def f(x, block_rows):
+    def s(x):
+      tok = chunks_lib.token_logprobs(x, ids, mask, block_rows=block_rows)
+      return jnp.sum(tok.path * w[0]) + jnp.sum(tok.boundary * w[1]), tok
+    return jax.value_and_grad(s, has_aux=True)(x)
+
+  grads = []
+  # 1 row: 12 blocks; 9 rows -> 2 positions: 6 blocks; 20 -> 5: 3 blocks,
+  # the last one overlapping; 64: one block.
+  for block_rows in (1, 9, 20, 64):
+    (_, tok), g = f(x, block_rows)
+    np.testing.assert_allclose(tok.path, path, atol=2e-5)
+    np.testing.assert_allclose(tok.boundary, bnd, atol=2e-5)
+    grads.append(np.asarray(g))
+  # d/dx of sum(w0 * path + w1 * boundary), by hand in float64.
+  xs = teacher["logits"].astype(np.float64)
+  r_grad = np.zeros_like(xs)
+  m = teacher["boundary_mask"]
+  for i, j in np.ndindex(ids.shape):
+    p = ref.softmax(xs[i, j])
+    if j + 1 < ids.shape[1]:
+      onehot = np.eye(xs.shape[-1])[teacher["ids"][i, j + 1]]
+      r_grad[i, j] += w[0, i, j + 1] * (onehot - p)
+    pm = np.where(m, np.exp(xs[i, j] - ref.logsumexp(xs[i, j][m])), 0.0)
+    r_grad[i, j] += w[1, i, j] * (pm - p)
+  for g in grads:
+    np.testing.assert_allclose(g, r_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_masked_logsumexp_exact_when_masked_logits_are_far_below():
@@ -111,34 +155,18 @@ def test_masked_logsumexp_exact_when_masked_logits_are_far_below():
 
 
 def test_loss_and_grad_match_reference():
-  teacher, student, bias = random_batch(3, b=4, tt=16, ts=15)
-  combos = list(itertools.product(DIVERGENCES, CONSTRAINTS))
-  # tau small enough that chunk probabilities are far from 1 and from 0.
-  configs = [alm_lib.ALMConfig(divergence=d, tau=3.0, constraint=c, gamma=0.35)
-             for d, c in combos]
-  results = jax_losses_and_grads(teacher, student, configs, bias)
+  teacher, student, bias = random_batch(6)
+  results = jax_losses_and_grads(teacher, student, CONFIGS, bias)
   counts = set()
-  for (div, con), (loss, out, grad) in zip(combos, results):
-    r_loss, _, r_count, r_grad = ref.alm(
-        teacher, student, divergence_kind=div, tau=3.0, constraint=con,
-        gamma=0.35, bias=bias)
-    assert int(out.count) == r_count and r_count > 2, (div, con)
+  for config, kw, (loss, out, grad) in zip(CONFIGS, REF_KW, results):
+    r_loss, _, r_count, r_grad = ref.alm(teacher, student, bias=bias, **kw)
+    assert int(out.count) == r_count and r_count > 2, config
     counts.add(r_count)
-    np.testing.assert_allclose(loss, r_loss, rtol=2e-5, atol=1e-7,
-                               err_msg=f"{div} {con}")
-    np.testing.assert_allclose(grad, r_grad, rtol=1e-4, atol=2e-7,
-                               err_msg=f"{div} {con}")
-  assert len(counts) == 4  # the constraints really merged differently
-
-
-@pytest.mark.parametrize("debias", [True, False])
-def test_default_config_and_debias_switch(debias):
-  teacher, student, _ = random_batch(2)
-  config = alm_lib.ALMConfig(debias=debias)
-  loss, _, grad = jax_loss_and_grad(teacher, student, config)
-  r_loss, _, _, r_grad = ref.alm(teacher, student, debias=debias, tau=100.0)
-  np.testing.assert_allclose(loss, r_loss, rtol=1e-4)
-  np.testing.assert_allclose(grad, r_grad, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(loss, r_loss, rtol=5e-5, atol=1e-7,
+                               err_msg=str(config))
+    np.testing.assert_allclose(grad, r_grad, rtol=1e-3, atol=2e-7,
+                               err_msg=str(config))
+  assert len(counts) >= 3  # the constraints really merged differently
 
 
 def test_reference_gradient_matches_finite_differences():
@@ -161,67 +189,88 @@ def test_reference_gradient_matches_finite_differences():
 
 
 def test_jax_gradient_matches_finite_differences_in_float64():
-  teacher, student, bias = random_batch(4)
+  teacher, student, bias = random_batch(4, b=2, tt=8, ts=7, vt=6, vs=5)
+  configs = tuple(alm_lib.ALMConfig(divergence=div, tau=4.0, constraint=con)
+                  for div, con in [("kl", "boundary_prob"),
+                                   ("reverse_kl", "space"),
+                                   ("tv", "unconstrained")])
+  bias = tuple(b[:2, :7] for b in bias)
   with jax.enable_x64(True):
-    for div, con in [("kl", "boundary_prob"), ("reverse_kl", "space"),
-                     ("tv", "unconstrained")]:
-      config = alm_lib.ALMConfig(divergence=div, tau=4.0, constraint=con)
-      f = lambda x: jax_loss_and_grad(teacher, dict(student, logits=x),
-                                      config, bias, dtype=jnp.float64)
-      x = student["logits"].astype(np.float64)
-      loss, _, g = f(x)
-      assert g.dtype == jnp.float64
-      rng = np.random.default_rng(1)
-      for _ in range(4):
-        idx = tuple(rng.integers(0, n) for n in x.shape)
-        h = 1e-5
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        fd = (f(xp)[0] - f(xm)[0]) / (2 * h)
-        np.testing.assert_allclose(g[idx], fd, rtol=1e-5, atol=1e-9)
+    # One compiled function gives all three configs.
+    f = lambda x: jax_losses_and_grads(teacher, dict(student, logits=x),
+                                       configs, bias, dtype=jnp.float64)
+    x = student["logits"].astype(np.float64)
+    base = f(x)
+    rng = np.random.default_rng(1)
+    h = 1e-5
+    for _ in range(4):
+      idx = tuple(rng.integers(0, n) for n in x.shape)
+      xp, xm = x.copy(), x.copy()
+      xp[idx] += h
+      xm[idx] -= h
+      for k, (plus, minus) in enumerate(zip(f(xp), f(xm))):
+        g = base[k][2]
+        assert g.dtype == jnp.float64
+        fd = (plus[0] - minus[0]) / (2 * h)
+        np.testing.assert_allclose(g[idx], fd, rtol=1e-5, atol=1e-9,
+                                   err_msg=str(configs[k]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_identical_student_has_zero_loss_and_gradient(dtype):
-  teacher, _, bias = random_batch(5, tt=10, ts=10, vt=9, vs=9)
+def identical_side(dtype_name):
+  teacher, _, _ = random_batch(5, tt=10, ts=10, vt=9, vs=9)
   # Same model, same tokenizer: every token is its own chunk on both sides.
-  cids = np.where(np.arange(10)[None] < np.array([[10], [7], [9]]),
+  cids = np.where(np.arange(10)[None] < np.array([[10], [7], [9], [10]]),
                   np.arange(10)[None], -1).astype(np.int32)
-  side = dict(teacher, chunk_ids=cids, logits=teacher["logits"] * 8)
-  configs = [alm_lib.ALMConfig(divergence=d, constraint=c, tau=tau)
-             for d, c in itertools.product(DIVERGENCES, CONSTRAINTS)
-             for tau in (1.0, 100.0)]
-  results = jax_losses_and_grads(side, side, configs, bias, dtype)
-  for config, (loss, out, grad) in zip(configs, results):
-    assert out.count > 0
-    assert float(loss) == 0.0, config
-    assert not np.any(np.asarray(grad, np.float32)), config
+  del dtype_name
+  return dict(teacher, chunk_ids=cids, logits=teacher["logits"] * 8)
+
+
+def test_identical_student_has_zero_loss_and_gradient():
+  side = identical_side("float32")
+  _, _, bias = random_batch(5, tt=10, ts=10)
+  # Every divergence x constraint in float32 (tau 3 and 100), and one config
+  # per divergence in bf16.
+  checks = [(CONFIGS, jnp.float32),
+            ((alm_lib.ALMConfig(divergence="kl", tau=1.0, constraint="space"),
+              alm_lib.ALMConfig(divergence="tv", tau=100.0,
+                                constraint="unbiased"),
+              alm_lib.ALMConfig(divergence="reverse_kl", tau=1e4,
+                                constraint="boundary_prob")), jnp.bfloat16)]
+  for configs, dtype in checks:
+    results = jax_losses_and_grads(side, side, configs, bias, dtype)
+    for config, (loss, out, grad) in zip(configs, results):
+      assert out.count > 0
+      assert float(loss) == 0.0, (config, dtype)
+      assert not np.any(np.asarray(grad, np.float32)), (config, dtype)
+
+
+def _insert_special(side, pos, pad_at_end):
+  # A token in no chunk at `pos`. Row pos-1 (the last token before it) still
+  # gives the boundary probability; a copy of it, now at row pos, predicts
+  # the old token at pos: the context a real model would see differs only
+  # by the special token itself.
+  logits = np.insert(side["logits"], pos, side["logits"][:, pos - 1], axis=1)
+  ids = np.insert(side["ids"], pos, 1, axis=1)
+  cids = np.insert(side["chunk_ids"], pos, -1, axis=1)
+  lm = np.insert(side["loss_mask"], pos, True, axis=1)
+  out = dict(side, logits=logits, ids=ids, chunk_ids=cids, loss_mask=lm)
+  if pad_at_end:
+    out = _pad(out, 3)
+  return out
+
+
+def _pad(side, n):
+  return dict(side, logits=np.pad(side["logits"], ((0, 0), (0, n), (0, 0))),
+              ids=np.pad(side["ids"], ((0, 0), (0, n))),
+              chunk_ids=np.pad(side["chunk_ids"], ((0, 0), (0, n)),
+                               constant_values=-1),
+              loss_mask=np.pad(side["loss_mask"], ((0, 0), (0, n))))
 
 
 def test_padding_specials_and_empty_chunk_slots_change_nothing():
-  teacher, student, _ = random_batch(6)
-  config = alm_lib.ALMConfig(tau=5.0)
-  loss, _, grad = jax_loss_and_grad(teacher, student, config)
-
-  def insert(side, pos, pad_at_end):
-    # A token in no chunk at `pos`. Row pos-1 (the last token before it) still
-    # gives the boundary probability; a copy of it, now at row pos, predicts
-    # the old token at pos: the context a real model would see differs only
-    # by the special token itself.
-    logits = np.insert(side["logits"], pos, side["logits"][:, pos - 1], axis=1)
-    ids = np.insert(side["ids"], pos, 1, axis=1)
-    cids = np.insert(side["chunk_ids"], pos, -1, axis=1)
-    lm = np.insert(side["loss_mask"], pos, True, axis=1)
-    out = dict(side, logits=logits, ids=ids, chunk_ids=cids, loss_mask=lm)
-    if pad_at_end:
-      out = dict(out, logits=np.pad(out["logits"], ((0, 0), (0, 3), (0, 0))),
-                 ids=np.pad(out["ids"], ((0, 0), (0, 3))),
-                 chunk_ids=np.pad(out["chunk_ids"], ((0, 0), (0, 3)),
-                                  constant_values=-1),
-                 loss_mask=np.pad(out["loss_mask"], ((0, 0), (0, 3))))
-    return out
-
+  teacher, student, bias = random_batch(6)
+  # Every config of CONFIGS (already compiled by the reference test).
+  base = jax_losses_and_grads(teacher, student, CONFIGS, bias)
   # The special goes between two chunks (or into padding) in every row.
   cs = student["chunk_ids"]
   pos = None
@@ -230,45 +279,43 @@ def test_padding_specials_and_empty_chunk_slots_change_nothing():
       pos = p
       break
   assert pos is not None
-  s2 = insert(student, pos, pad_at_end=True)
-  t2 = dict(  # teacher: padding only
-      teacher, logits=np.pad(teacher["logits"], ((0, 0), (0, 2), (0, 0))),
-      ids=np.pad(teacher["ids"], ((0, 0), (0, 2))),
-      chunk_ids=np.pad(teacher["chunk_ids"], ((0, 0), (0, 2)), constant_values=-1),
-      loss_mask=np.pad(teacher["loss_mask"], ((0, 0), (0, 2))))
-  loss2, _, grad2 = jax_loss_and_grad(t2, s2, config)
-  np.testing.assert_allclose(loss2, loss, rtol=1e-6)
-  g2 = np.asarray(grad2)[:, :-3].copy()
-  g2[:, pos - 1] += g2[:, pos]  # the two copies of row pos-1
-  np.testing.assert_allclose(np.delete(g2, pos, axis=1), grad, rtol=1e-5,
-                             atol=1e-8)
-  # More chunk slots than chunks: identical.
-  t, s = to_side(teacher), to_side(student)
-  a = alm_lib.alm_loss(t, s, config)
-  b = alm_lib.alm_loss(t, s, config, num_chunks=40)
-  np.testing.assert_allclose(a.total, b.total, rtol=1e-6)
-  assert a.count == b.count
+  s2 = _insert_special(student, pos, pad_at_end=True)
+  t2 = _pad(teacher, 2)  # teacher: padding only
+  # The chunk bias is per chunk slot; more slots than chunks change nothing.
+  bias2 = tuple(np.pad(b, ((0, 0), (0, 3)), constant_values=5.0)
+                for b in bias)
+  configs = CONFIGS[:4] + CONFIGS[-1:]  # every constraint, several blocks
+  padded = jax_losses_and_grads(t2, s2, configs, bias2)
+  for config, (loss, out, grad), (loss2, out2, grad2) in zip(
+      configs, base[:4] + base[-1:], padded):
+    assert int(out.count) == int(out2.count), config
+    np.testing.assert_allclose(loss2, loss, rtol=1e-6, err_msg=str(config))
+    g2 = np.asarray(grad2)[:, :-3].copy()
+    g2[:, pos - 1] += g2[:, pos]  # the two copies of row pos-1
+    np.testing.assert_allclose(np.delete(g2, pos, axis=1), grad, rtol=1e-5,
+                               atol=1e-8, err_msg=str(config))
 
 
 def test_micro_batches_give_the_full_batch_loss_and_gradient():
-  teacher, student, _ = random_batch(7, b=4)
-  config = alm_lib.ALMConfig(tau=5.0)
-  loss, out, grad = jax_loss_and_grad(teacher, student, config)
+  teacher, student, bias = random_batch(6)
+  full = jax_losses_and_grads(teacher, student, CONFIGS, bias)
+  config = CONFIGS[1]  # kl, space
+  loss, out, grad = full[1]
   totals, grads, counts = 0.0, [], 0.0
-  for sl in (slice(0, 1), slice(1, 4)):
+  for sl in (slice(0, 2), slice(2, 4)):  # equal halves: one compile
     part = lambda d: {k: (v[sl] if k != "boundary_mask" else v) for k, v in d.items()}
     _, o, g = jax_loss_and_grad(part(teacher), part(student), config)
     # jax_loss_and_grad returns grad of the micro-batch mean: undo it.
     totals += float(o.total)
     counts += float(o.count)
     grads.append(np.asarray(g) * max(float(o.count), 1.0))
+  assert counts == float(out.count)
   np.testing.assert_allclose(totals / counts, loss, rtol=1e-6)
   np.testing.assert_allclose(np.concatenate(grads) / counts, grad, rtol=1e-5,
                              atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_no_nan_or_inf_at_extreme_likelihoods_and_temperatures(dtype):
+def test_no_nan_or_inf_at_extreme_likelihoods_and_temperatures():
   # Chunk log-likelihoods from exactly 0 to about -1e4, tau from 1 to 1e4.
   rng = np.random.default_rng(8)
   b, t, v = 2, 10, 7
@@ -285,28 +332,40 @@ def test_no_nan_or_inf_at_extreme_likelihoods_and_temperatures(dtype):
   mask = np.arange(v) < 2
   teacher = dict(logits=logits_t, ids=ids, chunk_ids=cids, boundary_mask=mask)
   student = dict(logits=logits_s, ids=ids, chunk_ids=cids, boundary_mask=mask)
-  configs = [alm_lib.ALMConfig(divergence=div, tau=tau)
-             for div, tau in itertools.product(DIVERGENCES, (1.0, 100.0, 1e4))]
-  results = jax_losses_and_grads(teacher, student, configs, dtype=dtype)
-  for config, (loss, out, grad) in zip(configs, results):
-    assert np.isfinite(float(loss)) and out.count > 0
-    assert np.all(np.isfinite(np.asarray(grad, np.float32))), config
+  taus = (1.0, 100.0, 1e4)
+  checks = [  # every divergence x tau in float32; each tau once in bf16
+      (tuple(alm_lib.ALMConfig(divergence=div, tau=tau)
+             for div, tau in itertools.product(DIVERGENCES, taus)),
+       jnp.float32),
+      (tuple(alm_lib.ALMConfig(divergence=div, tau=tau)
+             for div, tau in zip(DIVERGENCES, taus)), jnp.bfloat16)]
+  for configs, dtype in checks:
+    results = jax_losses_and_grads(teacher, student, configs, dtype=dtype)
+    for config, (loss, out, grad) in zip(configs, results):
+      assert np.isfinite(float(loss)) and out.count > 0
+      assert np.all(np.isfinite(np.asarray(grad, np.float32))), (config, dtype)
+
+
+@functools.partial(jax.jit, static_argnames="div")
+def _divergence_and_grads(la, lb, div):
+  f = lambda a, b: alm_lib.binarised_divergence(a, b, div).sum()
+  return (alm_lib.binarised_divergence(la, lb, div),
+          *jax.grad(f, argnums=(0, 1))(la, lb))
 
 
 def test_divergence_is_finite_on_a_grid():
   ls = -np.concatenate([[0.0, 1e-38, 1e-30, 1e-12], np.logspace(-8, 4, 13)])
-  for div, tau in itertools.product(DIVERGENCES, (1.0, 100.0, 1e4)):
-    la, lb = np.meshgrid(ls / tau, ls / tau)
-    la = jnp.minimum(jnp.asarray(la, jnp.float32), -1e-7)
-    lb = jnp.minimum(jnp.asarray(lb, jnp.float32), -1e-7)
-    f = lambda a, b: alm_lib.binarised_divergence(a, b, div).sum()
-    d = alm_lib.binarised_divergence(la, lb, div)
-    ga, gb = jax.grad(f, argnums=(0, 1))(la, lb)
-    assert np.all(np.isfinite(d)) and np.all(np.asarray(d) >= -1e-6)
+  taus = np.array([1.0, 100.0, 1e4])[:, None, None]
+  la, lb = np.meshgrid(ls, ls)
+  la = jnp.minimum(jnp.asarray(la[None] / taus, jnp.float32), -1e-7)
+  lb = jnp.minimum(jnp.asarray(lb[None] / taus, jnp.float32), -1e-7)
+  diag = np.arange(len(ls))
+  for div in DIVERGENCES:
+    d, ga, gb = map(np.asarray, _divergence_and_grads(la, lb, div))
+    assert np.all(np.isfinite(d)) and np.all(d >= -1e-6)
     assert np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
-    diag = np.arange(len(ls))
-    assert not np.any(np.asarray(d)[diag, diag])
-    assert not np.any(np.asarray(gb)[diag, diag])
+    assert not np.any(d[:, diag, diag])
+    assert not np.any(gb[:, diag, diag])
 
 
 def test_bad_options_and_inputs_raise_clear_errors():
@@ -316,6 +375,8 @@ def test_bad_options_and_inputs_raise_clear_errors():
     alm_lib.ALMConfig(constraint="unbiassed")
   with pytest.raises(ValueError, match="tau"):
     alm_lib.ALMConfig(tau=0.0)
+  with pytest.raises(ValueError, match="block_rows"):
+    alm_lib.ALMConfig(block_rows=0)
   teacher, student, _ = random_batch(0)
   t, s = to_side(teacher), to_side(student)
   with pytest.raises(ValueError, match="boundary_mask"):

@@ -49,8 +49,8 @@ def test_uld_matches_reference():
   ms = rng.random((2, 5)) < 0.8
   f = lambda x: baselines.uld_loss(jnp.asarray(lt), jnp.asarray(ids_t), jnp.asarray(mt),
                                    x, jnp.asarray(ids_s), jnp.asarray(ms))
-  out = f(jnp.asarray(ls))
-  grad = jax.grad(lambda x: f(x).mean())(jnp.asarray(ls))
+  (_, out), grad = jax.jit(jax.value_and_grad(
+      lambda x: (f(x).mean(), f(x)), has_aux=True))(jnp.asarray(ls))
   total, count, g = 0.0, 0, np.zeros_like(ls, np.float64)
   for i in range(2):
     pt = [t - 1 for t in range(1, 6) if mt[i, t]]
@@ -83,8 +83,8 @@ def test_mined_loss_matches_reference():
   f = lambda x: baselines.mined_loss(jnp.asarray(lt), jnp.asarray(ids_t), jnp.asarray(ct),
                                      x, jnp.asarray(ids_s), jnp.asarray(cs),
                                      jnp.asarray(vmap))
-  out = f(jnp.asarray(ls))
-  grad = jax.grad(lambda x: f(x).mean())(jnp.asarray(ls))
+  (_, out), grad = jax.jit(jax.value_and_grad(
+      lambda x: (f(x).mean(), f(x)), has_aux=True))(jnp.asarray(ls))
   total, count, g = 0.0, 0, np.zeros_like(ls, np.float64)
   for i, c in itertools.product(range(2), range(6)):
     tp, sp = np.flatnonzero(ct[i] == c), np.flatnonzero(cs[i] == c)

@@ -17,9 +17,9 @@ def test_hidden_loss_matches_reference_and_identity_is_zero():
   ct = np.array([[0, 1, 1, 2, -1, -1], [0, 0, 1, 2, 3, 3]], np.int32)
   cs = np.array([[0, 1, 2, 2, -1], [0, 1, 2, 3, 3]], np.int32)
   proj = hidden.HiddenProjector(3, 4, rngs=nnx.Rngs(0))
-  out = hidden.hidden_state_loss([jnp.asarray(h) for h in ht],
-                                 [jnp.asarray(h) for h in hs],
-                                 jnp.asarray(ct), jnp.asarray(cs), proj)
+  out = jax.jit(lambda a, b: hidden.hidden_state_loss(
+      a, b, jnp.asarray(ct), jnp.asarray(cs), proj))(
+          [jnp.asarray(h) for h in ht], [jnp.asarray(h) for h in hs])
   w = np.asarray(proj.kernel[...], np.float64)
   ends = []  # (row, teacher last, student last) of valid chunks
   for i in range(2):
@@ -36,7 +36,7 @@ def test_hidden_loss_matches_reference_and_identity_is_zero():
   assert int(out.count) == len(ends) == 5
   np.testing.assert_allclose(out.total, total / 2, rtol=1e-5)
   # Same states, identity projector: exactly 0.
-  same = hidden.hidden_state_loss([jnp.asarray(ht[0])], [jnp.asarray(ht[0])],
-                                  jnp.asarray(ct), jnp.asarray(ct),
-                                  hidden.HiddenProjector(4, 4, rngs=nnx.Rngs(0)))
+  ident = hidden.HiddenProjector(4, 4, rngs=nnx.Rngs(0))
+  same = jax.jit(lambda h: hidden.hidden_state_loss(
+      [h], [h], jnp.asarray(ct), jnp.asarray(ct), ident))(jnp.asarray(ht[0]))
   assert float(same.total) == 0.0

@@ -61,9 +61,14 @@ def log1mexp(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def _stats_dtype(dtype):
+  """float32 for bf16/f16/f32 logits; float64 logits (tests) stay float64."""
+  return jnp.promote_types(jnp.float32, dtype)
+
+
 def _stats_fwd_math(logits, targets, mask):
   """Returns (lse, masked_lse, picked) as float32 [...]; fused by XLA."""
-  f32 = jnp.float32
+  f32 = _stats_dtype(logits.dtype)
   m = jnp.max(logits, axis=-1).astype(f32)  # [B, T]
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   picked = picked.astype(f32)
@@ -91,7 +96,7 @@ def _stats_fwd_math(logits, targets, mask):
 def _stats_bwd_math(logits, targets, mask, lse, masked_lse, g_lse, g_mlse,
                     g_picked):
   """d(lse, masked_lse, picked) / d logits, in the logits' dtype."""
-  f32 = jnp.float32
+  f32 = _stats_dtype(logits.dtype)
   x = logits.astype(f32)
   vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
   onehot = vocab == targets[..., None]
@@ -177,7 +182,7 @@ def _blockwise(fn, arrays, outs_init, tb, t):
 def _vocab_stats(logits, targets, mask, has_mask, block_rows):
   b, t, _ = logits.shape
   tb = _block_len(b, t, block_rows)
-  zeros = jnp.zeros((b, t), jnp.float32)
+  zeros = jnp.zeros((b, t), _stats_dtype(logits.dtype))
   if has_mask:
     fn = lambda x, tg: _stats_fwd_math(x, tg, mask)
     return _blockwise(fn, (logits, targets), (zeros,) * 3, tb, t)
@@ -225,7 +230,8 @@ def vocab_logsumexps(
 
   `lse[b, t] = log sum_v exp(logits[b, t, v])`,
   `masked_lse[b, t] = log sum_{v : mask[v]} exp(logits[b, t, v])`,
-  `picked[b, t] = logits[b, t, targets[b, t]]`, all in float32.
+  `picked[b, t] = logits[b, t, targets[b, t]]`, all in float32 (float64
+  for float64 logits).
 
   The positions are processed in blocks of about `block_rows` rows (the whole
   batch times `block_rows // B` positions) in a `fori_loop`, both forward and
