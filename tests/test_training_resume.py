@@ -96,7 +96,8 @@ def test_checkpoint_of_another_model_or_config_is_refused(runs, corpus, tmp_path
 def test_failed_save_leaves_no_half_written_checkpoint(runs, tmp_path, monkeypatch):
   full = runs[0]
   st = full.stepper.state
-  ck = Checkpointer(tmp_path / "ck", {"run": 1})
+  monkeypatch.chdir(tmp_path)
+  ck = Checkpointer("ck", {"run": 1})  # relative paths work too
   ck.save(1, st.trainable, st.opt_state, {"pos": 1})
 
   def boom(*a, **k):

@@ -66,7 +66,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], *, keep: int = 2):
-    self.directory = Path(directory)
+    # Orbax needs absolute paths (a relative --checkpoint_dir is common).
+    self.directory = Path(directory).expanduser().resolve()
     self.directory.mkdir(parents=True, exist_ok=True)
     self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples -> lists
     self.keep = max(int(keep), 1)
