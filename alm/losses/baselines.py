@@ -116,14 +116,38 @@ def _edit_distances(s: bytes, cands: np.ndarray, lens: np.ndarray) -> np.ndarray
   return prev[np.arange(n), lens]
 
 
+def _deletions(tok: bytes) -> set[bytes]:
+  """`tok` and every string obtained from it by deleting one byte."""
+  return {tok} | {tok[:i] + tok[i + 1:] for i in range(len(tok))}
+
+
+def _levenshtein(a: bytes, b: bytes) -> int:
+  prev = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    cur = [i]
+    for j, cb in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+    prev = cur
+  return prev[-1]
+
+
 def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
                     ) -> np.ndarray:
   """Maps every student token to the teacher token of minimal edit distance.
 
-  Byte-level Levenshtein distance; ties go to the smallest teacher id. Exact
-  matches are dictionary look-ups; the rest are searched among teacher tokens
-  whose length differs by at most the best distance found so far (a lower
-  bound of the distance), vectorised over candidates.
+  Byte-level Levenshtein distance; ties go to the smallest teacher id; exact.
+  Three stages, each exact for the tokens it decides:
+    1. an identical teacher token (distance 0): a dictionary look-up;
+    2. distance 1: two strings are within distance 1 iff one-deletion
+       neighbourhoods intersect (a substitution deletes the same position
+       from both, an insertion is a deletion from the longer), so an index
+       from every teacher token's one-deletion variants to its ids gives
+       every teacher token at distance <= 1 (the symmetric-delete idea of
+       SymSpell); the candidates are checked with the exact distance;
+    3. the rest (no teacher token within distance 1) are searched among the
+       teacher tokens whose length differs by at most the best distance
+       found so far (a lower bound of the distance), vectorised over
+       candidates, starting from distance 2.
 
   Args:
     student_tokens: bytes of each student id (`tokenizer.token_bytes`).
@@ -135,19 +159,36 @@ def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
   exact: dict[bytes, int] = {}
   for i, tok in enumerate(teacher_tokens):
     exact.setdefault(tok, i)
+  out = np.zeros(len(student_tokens), np.int32)
+  rest = []
+  deletion_index: dict[bytes, list[int]] | None = None
+  for sid, tok in enumerate(student_tokens):
+    if tok in exact:
+      out[sid] = exact[tok]
+      continue
+    if deletion_index is None:  # built only when some token needs it
+      deletion_index = {}
+      for i, t in enumerate(teacher_tokens):
+        for v in _deletions(t):
+          deletion_index.setdefault(v, []).append(i)
+    cands = {i for v in _deletions(tok) for i in deletion_index.get(v, ())}
+    near = sorted(i for i in cands if _levenshtein(tok, teacher_tokens[i]) == 1)
+    if near:
+      out[sid] = near[0]
+    else:
+      rest.append(sid)
+  if not rest:
+    return out
   lens = np.array([len(t) for t in teacher_tokens])
   width = max(1, int(lens.max()))
   packed = np.zeros((len(teacher_tokens), width), np.int16)
   packed -= 1  # never equal to a byte
   for i, tok in enumerate(teacher_tokens):
     packed[i, :len(tok)] = np.frombuffer(tok, np.uint8)
-  out = np.zeros(len(student_tokens), np.int32)
-  for sid, tok in enumerate(student_tokens):
-    if tok in exact:
-      out[sid] = exact[tok]
-      continue
-    best_d, best_id = None, 0
-    for bound in (1, 2, 4, None):
+  for sid in rest:
+    tok = student_tokens[sid]
+    best_id = 0
+    for bound in (2, 4, None):
       window = np.abs(lens - len(tok)) <= (bound if bound is not None
                                             else 10**9)
       idx = np.flatnonzero(window)
@@ -158,9 +199,8 @@ def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
       j = int(np.argmin(d))  # first = smallest id among the minima
       if bound is None or d[j] <= bound:
         # Every token outside the window is farther than `bound` >= d[j].
-        best_d, best_id = int(d[j]), int(idx[j])
+        best_id = int(idx[j])
         break
-    del best_d
     out[sid] = best_id
   return out
 
