@@ -167,3 +167,6 @@ def test_gradient_accumulation_equals_one_big_batch(data):
 def test_missing_method_fails_clearly():
   with pytest.raises(step_lib.MethodNotAvailableError, match="unbiased"):
     step_lib.check_method_available(TrainConfig(constraint="unbiased"))
+  for m in ("dskd", "mined", "uld"):
+    with pytest.raises(step_lib.MethodNotAvailableError, match="available methods: alm, alm"):
+      step_lib.check_method_available(TrainConfig(method=m))
