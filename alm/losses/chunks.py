@@ -182,7 +182,9 @@ def _blockwise(fn, arrays, outs_init, tb, t):
 def _vocab_stats(logits, targets, mask, has_mask, block_rows):
   b, t, _ = logits.shape
   tb = _block_len(b, t, block_rows)
-  zeros = jnp.zeros((b, t), _stats_dtype(logits.dtype))
+  # zeros_like keeps the ids' sharding (a batch-sharded input under explicit
+  # sharding needs buffers sharded like the blocks written into them).
+  zeros = jnp.zeros_like(targets, dtype=_stats_dtype(logits.dtype))
   if has_mask:
     fn = lambda x, tg: _stats_fwd_math(x, tg, mask)
     return _blockwise(fn, (logits, targets), (zeros,) * 3, tb, t)
