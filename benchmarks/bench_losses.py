@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
-LOSSES = ("ce_teacher", "ce_student", "ntp", "alm", "alm_boundary_prob",
-          "alm_tv", "uld", "mined")
+LOSSES = ("ce_teacher", "ce_student", "ce_both", "alm", "alm_boundary_prob", "ntp",
+          "uld", "mined")
+OPTIONAL = ("alm_tv",)
 
 
 def _run_one(name, b, t, vt, vs, dtype, repeats):
@@ -37,8 +39,10 @@ def _run_one(name, b, t, vt, vs, dtype, repeats):
 
   dt = jnp.dtype(dtype)
   key_t, key_s = jax.random.split(jax.random.key(0))
-  make = jax.jit(lambda k, v: (3 * jax.random.normal(k, (b, t, v), jnp.float32)
-                               ).astype(dt), static_argnums=1)
+  # Drawn directly in the logits' dtype: no float32 [B, T, V] copy inflates
+  # the peak resident memory of the process.
+  make = jax.jit(lambda k, v: 3 * jax.random.normal(k, (b, t, v), dt),
+                 static_argnums=1)
   rng = np.random.default_rng(0)
   ids_t = jnp.asarray(rng.integers(0, vt, (b, t)), jnp.int32)
   ids_s = jnp.asarray(rng.integers(0, vs, (b, t)), jnp.int32)
@@ -52,7 +56,7 @@ def _run_one(name, b, t, vt, vs, dtype, repeats):
         logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
 
   needs_teacher = name not in ("ce_student", "ntp")
-  lt = make(key_t, vt) if name != "ce_student" and name != "ntp" else None
+  lt = make(key_t, vt) if name not in ("ce_student", "ntp") else None
   ls = make(key_s, vs) if name != "ce_teacher" else None
   if name == "ce_teacher":
     fn = lambda x: plain_ce(x, ids_t)
@@ -60,6 +64,11 @@ def _run_one(name, b, t, vt, vs, dtype, repeats):
   elif name == "ce_student":
     fn = lambda x: plain_ce(x, ids_s)
     x = ls
+  elif name == "ce_both":
+    # Both models' plain cross-entropies, value and gradient w.r.t. both
+    # logits in one step: the baseline the ALM target refers to.
+    fn = lambda xs: plain_ce(xs[0], ids_t) + plain_ce(xs[1], ids_s)
+    x = (lt, ls)
   elif name == "ntp":
     fn = lambda x: ntp.next_token_loss(x, ids_s).mean()
     x = ls
@@ -110,6 +119,8 @@ def main():
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--losses", default=",".join(LOSSES))
+  p.add_argument("--timeout", type=int, default=900,
+                 help="seconds per loss (compile + runs)")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.one:
@@ -123,18 +134,33 @@ def main():
            "--teacher-vocab", str(a.teacher_vocab),
            "--student-vocab", str(a.student_vocab), "--dtype", a.dtype,
            "--repeats", str(a.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True,
+                            timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+      print(f"{name}: no result within {a.timeout} s", file=sys.stderr)
+      rows.append(dict(loss=f"{name} (> {a.timeout} s, not measured)",
+                       time_s=float("nan"), maxrss_gib=float("nan"),
+                       xla_temp_gib=None))
+      continue
     if proc.returncode != 0:
       print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
       continue
     rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(json.dumps(rows[-1]), file=sys.stderr)
+  load = os.getloadavg()
   print(f"B={a.batch} T={a.seq} V_T={a.teacher_vocab} V_S={a.student_vocab} "
         f"logits {a.dtype}; value+grad w.r.t. the logits, median of "
-        f"{a.repeats}")
+        f"{a.repeats}; {os.cpu_count()} CPUs, load average at the end "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
   print("| loss | time (s) | peak RSS (GiB) | XLA temp (GiB) |")
   print("|---|---|---|---|")
+  ce = sum(r["time_s"] for r in rows if r["loss"] in ("ce_teacher",
+                                                          "ce_student"))
+  ce = next((r["time_s"] for r in rows if r["loss"] == "ce_both"), ce)
   for r in rows:
+    if ce and r["loss"].startswith("alm"):
+      r["loss"] += f" ({r['time_s'] / ce:.2f}x ce_both)"
     temp = "-" if r["xla_temp_gib"] is None else f"{r['xla_temp_gib']:.2f}"
     print(f"| {r['loss']} | {r['time_s']:.3f} | {r['maxrss_gib']:.2f} | "
           f"{temp} |")
