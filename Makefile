@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m experiments.demo
+	$(VPY) -m experiments.generate
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
