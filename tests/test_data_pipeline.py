@@ -11,42 +11,7 @@ import pytest
 
 from alm.data import pipeline as pl
 from alm.data import sources
-from alm.tokenization.vocab import VocabTokenizer
-
-
-class GreedyTokenizer(VocabTokenizer):
-  """Tiny lossless tokenizer: specials <bos>/<eos>/<pad>, 256 bytes, then `pieces`.
-
-  Greedy longest match, so two instances with different pieces disagree on
-  token boundaries in interesting ways.
-  """
-
-  def __init__(self, pieces, *, add_bos=True, name="greedy"):
-    self.name = name
-    self._token_bytes = [b"", b"", b""] + [bytes([i]) for i in range(256)] + [
-        p.encode() for p in pieces]
-    self._special_ids = frozenset({0, 1, 2})
-    self._bos_id, self._eos_id, self.pad_id = 0, 1, 2
-    self._add_bos = add_bos
-    self._maxlen = max(len(b) for b in self._token_bytes)
-    self._p2i = {}
-    for i, b in enumerate(self._token_bytes):
-      if b and b not in self._p2i:
-        self._p2i[b] = i
-
-  def _encode_ids(self, text):
-    data, out, i = text.encode(), [], 0
-    while i < len(data):
-      for n in range(min(self._maxlen, len(data) - i), 0, -1):
-        j = self._p2i.get(data[i:i + n])
-        if j is not None:
-          out.append(j)
-          i += n
-          break
-    return out
-
-  def save_pretrained(self, directory):
-    raise NotImplementedError
+from alm.testing.tokenizers import GreedyTokenizer
 
 
 TEACHER = GreedyTokenizer(["the", "he", " the", "ing", " a", "an", "and", " and", "ion", "  ",

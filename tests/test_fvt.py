@@ -7,43 +7,10 @@ import pytest
 
 from alm.hypernet import fvt
 from alm.tokenization.bytes_tok import BytesTokenizer
-from alm.tokenization.vocab import VocabTokenizer
+from alm.testing.tokenizers import GreedyTokenizer
 
 
-class Greedy(VocabTokenizer):
-  """Specials (by string) then 256 bytes then `pieces`; greedy longest match."""
-
-  def __init__(self, pieces, specials=("<bos>", "<eos>", "<pad>"), name="g"):
-    self.name = name
-    self.specials = specials
-    self._token_bytes = [b""] * len(specials) + [bytes([i]) for i in range(256)] + [
-        p if isinstance(p, bytes) else p.encode() for p in pieces]
-    self._special_ids = frozenset(range(len(specials)))
-    self._bos_id = specials.index("<bos>") if "<bos>" in specials else None
-    self._eos_id = specials.index("<eos>") if "<eos>" in specials else None
-    self.pad_id = specials.index("<pad>") if "<pad>" in specials else None
-    self._add_bos = True
-    self._p2i = {}
-    for i, b in enumerate(self._token_bytes):
-      if b and b not in self._p2i:
-        self._p2i[b] = i
-
-  def id_to_token(self, i):
-    return self.specials[i]
-
-  def _encode_ids(self, text):
-    data, out, i = text.encode(), [], 0
-    while i < len(data):
-      for n in range(min(8, len(data) - i), 0, -1):
-        j = self._p2i.get(data[i:i + n])
-        if j is not None:
-          out.append(j)
-          i += n
-          break
-    return out
-
-  def save_pretrained(self, directory):
-    raise NotImplementedError
+Greedy = GreedyTokenizer
 
 
 OLD = Greedy(["th", "the", " the", "ing", "an", "é", "日"], specials=("<eos>", "<bos>",

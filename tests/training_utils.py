@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alm.testing.models import tiny_model
 from alm.tokenization.bytes_tok import BytesTokenizer
-from alm.tokenization.vocab import VocabTokenizer
+from alm.testing.tokenizers import GreedyTokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 2,
@@ -19,36 +19,6 @@ TEXTS = [
     "Students learn from teachers by matching chunk likelihoods.",
     "In the beginning the embeddings are initialised by averaging.",
 ]
-
-
-class GreedyTokenizer(VocabTokenizer):
-  """Tiny lossless tokenizer: <bos>/<eos>/<pad>, 256 bytes, then `pieces` (greedy)."""
-
-  def __init__(self, pieces, name="greedy"):
-    self.name = name
-    self.specials = ("<bos>", "<eos>", "<pad>")
-    self._token_bytes = [b""] * 3 + [bytes([i]) for i in range(256)] + [p.encode() for p in pieces]
-    self._special_ids = frozenset(range(3))
-    self._bos_id, self._eos_id, self.pad_id = 0, 1, 2
-    self._add_bos = True
-    self._p2i = {}
-    for i, b in enumerate(self._token_bytes):
-      if b and b not in self._p2i:
-        self._p2i[b] = i
-
-  def id_to_token(self, i):
-    return self.specials[i]
-
-  def _encode_ids(self, text):
-    data, out, i = text.encode(), [], 0
-    while i < len(data):
-      for n in range(min(8, len(data) - i), 0, -1):
-        j = self._p2i.get(data[i:i + n])
-        if j is not None:
-          out.append(j)
-          i += n
-          break
-    return out
 
 
 def teacher_tokenizer() -> GreedyTokenizer:

@@ -21,6 +21,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from alm.tokenization.hf import HFTokenizer
+from alm.tokenization.vocab import VocabTokenizer
 
 TinyKind = Literal["bpe", "unigram"]
 _KINDS = ("bpe", "unigram")
@@ -96,3 +97,54 @@ def _train(kind, vocab_size, corpus, add_bos, pretokenize) -> HFTokenizer:
     raise RuntimeError(f"tiny {kind} tokenizer lacks byte symbols {missing[:5]}")
   return HFTokenizer(tok, name=f"tiny-{kind}-{vocab_size}", bos_token="<bos>",
                      eos_token="<eos>", add_bos=add_bos)
+
+
+class GreedyTokenizer(VocabTokenizer):
+  """Tiny lossless tokenizer for tests: specials, the 256 bytes, then `pieces`.
+
+  Encoding is greedy longest match, so two instances with different pieces
+  disagree on token boundaries in interesting ways (useful for alignment,
+  FVT and training tests). It has no file form (`save_pretrained` raises).
+
+  Args:
+    pieces: extra vocabulary entries (str or raw bytes) after the 256 bytes.
+    specials: special-token strings, ids 0..len-1; "<bos>", "<eos>" and
+      "<pad>" take those roles when present.
+    add_bos: whether `encode` prepends BOS.
+    name: the tokenizer's name.
+  """
+
+  def __init__(self, pieces: Sequence[str | bytes],
+               specials: Sequence[str] = ("<bos>", "<eos>", "<pad>"), *,
+               add_bos: bool = True, name: str = "greedy"):
+    self.name = name
+    self.specials = tuple(specials)
+    self._token_bytes = [b""] * len(self.specials) + [bytes([i]) for i in range(256)] + [
+        p if isinstance(p, bytes) else p.encode() for p in pieces]
+    self._special_ids = frozenset(range(len(self.specials)))
+    role = {s: i for i, s in enumerate(self.specials)}
+    self._bos_id, self._eos_id = role.get("<bos>"), role.get("<eos>")
+    self.pad_id = role.get("<pad>")
+    self._add_bos = add_bos and self._bos_id is not None
+    self._maxlen = max(len(b) for b in self._token_bytes)
+    self._p2i: dict[bytes, int] = {}
+    for i, b in enumerate(self._token_bytes):
+      if b and b not in self._p2i:
+        self._p2i[b] = i
+
+  def id_to_token(self, i: int) -> str:
+    return self.specials[i]
+
+  def _encode_ids(self, text: str) -> list[int]:
+    data, out, i = text.encode(), [], 0
+    while i < len(data):
+      for n in range(min(self._maxlen, len(data) - i), 0, -1):
+        j = self._p2i.get(data[i:i + n])
+        if j is not None:
+          out.append(j)
+          i += n
+          break
+    return out
+
+  def save_pretrained(self, directory):
+    raise NotImplementedError("GreedyTokenizer is a test tokenizer with no file form.")
