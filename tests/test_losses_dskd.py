@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +137,31 @@ def test_dskd_bad_shapes_raise_clear_errors(case):
   with pytest.raises(ValueError, match="temperature"):
     dskd.dskd_loss(to_side(teacher, jnp.float32), to_side(student, jnp.float32),
                    proj, temperature=0.0)
+
+
+def test_dskd_whole_batch_scales_make_micro_batches_add_up(case):
+  # Split a batch in two: with the std's of the whole batch (merged moments),
+  # the two halves' losses add up to the whole batch's loss exactly; with
+  # each half's own std's they do not.
+  teacher, student = case
+  with jax.enable_x64(True):
+    proj = dskd.DSKDProjector(DS, DT, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    t, s = to_side(teacher), to_side(student)
+    def rows(side, i):
+      return dataclasses.replace(side, **{k: getattr(side, k)[i:i + 1] for k in (
+          "logits", "hidden", "ids", "loss_mask")})
+
+    mom = [dskd.teacher_moments(t.ids[i:i + 1], t.hidden[i:i + 1], t.embedding,
+                                t.loss_mask[i:i + 1]) for i in range(2)]
+    merged = dskd.merge_moments(mom[0], mom[1])
+    whole = dskd.teacher_moments(t.ids, t.hidden, t.embedding, t.loss_mask)
+    np.testing.assert_allclose(merged, whole, rtol=1e-12)
+    scales = dskd.scales_from_moments(merged)
+    full = dskd.dskd_loss(t, s, proj)
+    np.testing.assert_allclose(
+        dskd.dskd_loss(t, s, proj, scales=scales).total, full.total, rtol=1e-12)
+    halves = [dskd.dskd_loss(rows(t, i), rows(s, i), proj, scales=scales) for i in range(2)]
+    np.testing.assert_allclose(sum(h.total for h in halves), full.total, rtol=1e-12)
+    assert sum(float(h.count) for h in halves) == float(full.count)
+    own = [dskd.dskd_loss(rows(t, i), rows(s, i), proj) for i in range(2)]
+    assert abs(float(sum(h.total for h in own)) - float(full.total)) > 1e-6

@@ -111,6 +111,82 @@ def _masked_std(x, mask):
   return jnp.sqrt(jnp.maximum(var, 1e-24))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DSKDScales:
+  """The three normalising std's of DSKD (scalars; module docstring).
+
+  By default `dskd_loss` computes them over the trained positions of the
+  batch it is given. A trainer that splits a batch into micro-batches passes
+  the std's of the whole batch instead (`teacher_moments` per micro-batch,
+  `merge_moments`, `scales_from_moments`), so that accumulating gradients
+  over micro-batches gives exactly the gradient of the whole batch.
+
+  Attributes:
+    index: std of the teacher index embeddings `[E_T t_j ; E_T t_{j+1}]`.
+    hidden: std of the teacher hidden states `h^T_j`.
+    target: std of the teacher target embeddings `E_T t_{j+1}`.
+  """
+
+  index: jax.Array
+  hidden: jax.Array
+  target: jax.Array
+
+
+def _moments(x, mask):
+  """[count, mean, M2] of the elements of x[mask] (two-pass, mask over leading dims)."""
+  m = jnp.broadcast_to(mask[..., None], x.shape).astype(x.dtype)
+  n = jnp.sum(m)
+  mean = jnp.sum(x * m) / jnp.maximum(n, 1.0)
+  return jnp.stack([n, mean, jnp.sum(jnp.square(x - mean) * m)])
+
+
+def teacher_moments(ids: jax.Array, hidden: jax.Array, embedding: jax.Array,
+                    loss_mask: jax.Array | None = None) -> jax.Array:
+  """Moments of the three teacher quantities DSKD normalises, for one (micro-)batch.
+
+  Args:
+    ids: int [B, T] teacher token ids.
+    hidden: [B, T, D] teacher final hidden states (as in `DSKDSide`).
+    embedding: [V, D] teacher input embedding table.
+    loss_mask: optional bool [B, T].
+
+  Returns:
+    float [3, 3]: (count, mean, M2) of the index embeddings, the hidden
+    states and the target embeddings; combine micro-batches with
+    `merge_moments`.
+  """
+  f32 = jnp.promote_types(jnp.float32, hidden.dtype)
+  ids = ids.astype(jnp.int32)
+  keep = jnp.ones(ids.shape, bool) if loss_mask is None else loss_mask.astype(bool)
+  t_in, t_tg, t_keep = ids[:, :-1], ids[:, 1:], keep[:, 1:]  # as `_targets_and_mask`
+  e_t = jax.lax.stop_gradient(embedding).astype(f32)
+  t_target = e_t[t_tg]
+  t_index = jnp.concatenate([e_t[t_in], t_target], -1)
+  h_t = jax.lax.stop_gradient(hidden[:, :-1]).astype(f32)
+  return jnp.stack([_moments(t_index, t_keep), _moments(h_t, t_keep),
+                    _moments(t_target, t_keep)])
+
+
+def merge_moments(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Moments of the union of two sets from theirs (Chan et al.'s parallel update)."""
+  na, ma, m2a = a[..., 0], a[..., 1], a[..., 2]
+  nb, mb, m2b = b[..., 0], b[..., 1], b[..., 2]
+  n = na + nb
+  safe = jnp.maximum(n, 1.0)
+  delta = mb - ma
+  mean = ma + delta * nb / safe
+  m2 = m2a + m2b + jnp.square(delta) * na * nb / safe
+  return jnp.stack([n, mean, m2], axis=-1)
+
+
+def scales_from_moments(moments: jax.Array) -> DSKDScales:
+  """The `DSKDScales` (population std's) of moments from `teacher_moments`."""
+  n = jnp.maximum(moments[:, 0], 1.0)
+  std = jnp.sqrt(jnp.maximum(moments[:, 2] / n, 1e-24))
+  return DSKDScales(index=std[0], hidden=std[1], target=std[2])
+
+
 def _kl(p_logits, q_logits, temperature, dtype):
   """`KL(softmax(p / T) || softmax(q / T))` over the last axis."""
   lp = jax.nn.log_softmax(p_logits.astype(dtype) / temperature, -1)
@@ -135,7 +211,7 @@ def _check(name, side):
 
 
 def dskd_loss(teacher: DSKDSide, student: DSKDSide, projector: DSKDProjector,
-              *, temperature: float = 1.0) -> LossSum:
+              *, temperature: float = 1.0, scales: DSKDScales | None = None) -> LossSum:
   """DSKD with cross-model attention (Zhang et al., 2024); module docstring.
 
   Gradients reach the student's logits and hidden states and the projector;
@@ -146,6 +222,8 @@ def dskd_loss(teacher: DSKDSide, student: DSKDSide, projector: DSKDProjector,
     student: the student's `DSKDSide`.
     projector: a `DSKDProjector(D_S, D_T)` (trained with the student).
     temperature: KL temperature of both KD terms (> 0).
+    scales: the normalising std's (`DSKDScales`); default: those of this
+      batch's trained positions.
 
   Returns:
     `LossSum(total = the three summed terms, count = trained student
@@ -171,10 +249,15 @@ def dskd_loss(teacher: DSKDSide, student: DSKDSide, projector: DSKDProjector,
   h_t = sg(teacher.hidden[:, :-1]).astype(f32)  # [B, J, D_T]
   h_s = student.hidden[:, :-1].astype(f32)  # [B, S, D_S]
 
+  if scales is None:
+    k_std, h_std, tg_std = (_masked_std(t_index, t_keep), _masked_std(h_t, t_keep),
+                            _masked_std(t_target, t_keep))
+  else:
+    k_std, h_std, tg_std = (sg(jnp.asarray(x, f32)) for x in (scales.index, scales.hidden,
+                                                               scales.target))
   q = projector.query(s_index).astype(f32)  # [B, S, 2 D_T]
-  k = t_index / _masked_std(t_index, t_keep)
-  v_t = projector.t2s(h_t / _masked_std(h_t, t_keep)
-                      + t_target / _masked_std(t_target, t_keep)).astype(f32)
+  k = t_index / k_std
+  v_t = projector.t2s(h_t / h_std + t_target / tg_std).astype(f32)
   v_s = projector.s2t(h_s).astype(f32)  # [B, S, D_T]
   align = jnp.einsum("bsd,bjd->bsj", q, k) / math.sqrt(2 * d_t)
   pair = s_keep[:, :, None] & t_keep[:, None, :]
