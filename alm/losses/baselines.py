@@ -33,6 +33,22 @@ from alm.losses.reduce import LossSum
 sft_loss = next_token_loss  # SFT = NTP on the student's own tokens.
 
 
+def _frozen_rows(logits):
+  """Row reader for the frozen teacher's [B, T, V] logits inside `lax.map`.
+
+  The rows are read by index rather than mapped over: with float data as the
+  map's input, XLA's CPU backend hoists a float32 convert of the whole
+  [B, T, V] logits out of the loop (see `alm.losses.chunks._slice_block`).
+  """
+  logits = jax.lax.stop_gradient(logits)
+
+  def row(i):
+    x, i = jax.lax.optimization_barrier((logits, i))
+    return jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
+
+  return jnp.arange(logits.shape[0], dtype=jnp.int32), row
+
+
 # ---------------------------------------------------------------------------
 # ULD.
 # ---------------------------------------------------------------------------
@@ -78,7 +94,7 @@ def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
   n = jnp.minimum(nt, ns)  # [B]
   vt, vs = teacher_logits.shape[-1], student_logits.shape[-1]
   width = max(vt, vs)
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  rows, teacher_row = _frozen_rows(teacher_logits)
 
   def sorted_probs(logits, pos, v):
     p = jax.nn.softmax(jnp.take(logits, jnp.maximum(pos[:k], 0), axis=0)
@@ -87,12 +103,16 @@ def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
     return jnp.pad(p, ((0, 0), (0, width - v)))
 
   def row(args):
-    lt, ls, rpt, rps, rn = args
+    i, ls, rpt, rps, rn = args
+    lt = teacher_row(i)
     d = jnp.sum(jnp.abs(sorted_probs(lt, rpt, vt) - sorted_probs(ls, rps, vs)),
                 axis=-1)
     return jnp.sum(jnp.where(jnp.arange(k) < rn, d, 0.0))
 
-  totals = jax.lax.map(row, (teacher_logits, student_logits, pt, ps, n))
+  # Rematerialised: otherwise the map's VJP keeps every row's float32
+  # [T, V] intermediates, i.e. [B, T, V] float32 residuals.
+  totals = jax.lax.map(jax.checkpoint(row),
+                       (rows, student_logits, pt, ps, n))
   return LossSum(total=jnp.sum(totals), count=jnp.sum(n).astype(jnp.float32))
 
 
@@ -273,10 +293,11 @@ def mined_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
   ct, cs = sides
   one = ct.valid & cs.valid & (ct.path == 1) & (cs.path == 1)  # [B, C]
   pt, ps = jnp.maximum(ct.last - 1, 0), jnp.maximum(cs.last - 1, 0)
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  rows, teacher_row = _frozen_rows(teacher_logits)
 
   def row(args):
-    lt, ls, rpt, rps, rone = args
+    i, ls, rpt, rps, rone = args
+    lt = teacher_row(i)
     q = jax.nn.log_softmax(
         jnp.take(jnp.take(lt, rpt, axis=0), vocab_map, axis=-1)
         .astype(jnp.float32), axis=-1)  # [C, V_S]
@@ -285,5 +306,8 @@ def mined_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
     kl = jnp.sum(jnp.exp(q) * (q - logp), axis=-1)
     return jnp.sum(jnp.where(rone, kl, 0.0))
 
-  totals = jax.lax.map(row, (teacher_logits, student_logits, pt, ps, one))
+  # Rematerialised: otherwise the map's VJP keeps every row's float32
+  # [T, V] intermediates, i.e. [B, T, V] float32 residuals.
+  totals = jax.lax.map(jax.checkpoint(row),
+                       (rows, student_logits, pt, ps, one))
   return LossSum(total=jnp.sum(totals), count=jnp.sum(one).astype(jnp.float32))

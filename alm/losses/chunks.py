@@ -9,8 +9,8 @@ module reduces logits to per-position scalars in a blockwise pass over the
 positions (`vocab_logsumexps`: a loop over blocks of rows, each reduced over
 the whole vocabulary) whose backward pass is written by hand and recomputes
 block by block: the float32 temporaries never exceed one block, and the only
-[B, T, V] arrays are the gradient itself, in the logits' dtype, and one raw
-copy of the logits (see `_slice_block`).
+[B, T, V] array the loss creates is the gradient itself, in the logits' dtype
+(see `_slice_block` for how the loop avoids XLA CPU's hoisted float32 copy).
 
 Chunks are given as one int32 chunk id per token (-1 = in no chunk), as
 produced by `alm.align`; per-chunk quantities are per-row segment sums.
@@ -130,20 +130,19 @@ def _block_len(b, t, block_rows):
 
 
 def _slice_block(a, s, tb):
-  """`a[:, s:s + tb]`, sliced as raw bits for floating-point arrays.
+  """`a[:, s:s + tb]` of a loop-invariant array, inside a loop body.
 
-  XLA's CPU backend upcasts bf16 data movement to float32 and then hoists the
-  loop-invariant convert of the whole [B, T, V] logits out of the loop,
-  rebuilding exactly the tensor the loop exists to avoid. Slicing the bits
-  (an integer array) leaves nothing to upcast or hoist.
+  XLA's CPU backend upcasts bf16 data movement to float32, and its
+  loop-invariant code motion then hoists the convert of the whole [B, T, V]
+  logits out of the loop, rebuilding exactly the tensor the loop exists to
+  avoid. Passing the array through an `optimization_barrier` together with
+  the (loop-variant) offset makes it loop-variant, so nothing is hoisted and
+  only the block is converted. (Slicing the raw bits instead also prevents
+  the hoist, but XLA materialises the whole-array bitcast as a copy.)
   """
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    return jax.lax.dynamic_slice_in_dim(a, s, tb, axis=1)
-  bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
-  raw = jax.lax.bitcast_convert_type(a, bits)
-  blk = jax.lax.optimization_barrier(
-      jax.lax.dynamic_slice_in_dim(raw, s, tb, axis=1))
-  return jax.lax.bitcast_convert_type(blk, a.dtype)
+  if jnp.issubdtype(a.dtype, jnp.floating):
+    a, s = jax.lax.optimization_barrier((a, s))
+  return jax.lax.dynamic_slice_in_dim(a, s, tb, axis=1)
 
 
 def _blockwise(fn, arrays, outs_init, tb, t):
