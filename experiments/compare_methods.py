@@ -1,0 +1,148 @@
+"""Compare tokenizer-transfer methods on the same model, data, seed and steps.
+
+Runs `experiments.transfer_tokenizer` once per method (each in its own process,
+exactly as a user would run it), with every other flag passed through
+unchanged, then writes one comparison:
+
+  python -m experiments.compare_methods --methods=alm,sft --out_dir=runs/compare \
+      -- --steps=30 --eval_every=10
+
+Outputs in --out_dir: one sub-directory per method (the transfer binary's own
+outputs: metrics.jsonl, report.md/png, summary.json, checkpoints), and
+`comparison.md` (held-out bits per byte of the teacher, the FVT-initialised
+student and every trained student, with the share of the gap to the teacher
+each closed), `comparison.json` and `comparison.png` (held-out bits per byte
+against steps, one line per method).
+
+A run that already finished (its summary.json exists) is not run again, so an
+interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from alm.training import config as config_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_list("methods", ["alm", "sft"], "Methods to compare (transfer_tokenizer --method).")
+flags.DEFINE_string("out_dir", "runs/compare", "One sub-directory per method, plus the comparison.")
+flags.DEFINE_bool("rerun", False, "Run every method again even if it already finished.")
+
+
+def run_one(method: str, out_dir: Path, passthrough: Sequence[str], rerun: bool) -> dict[str, Any]:
+  """Runs (or reuses) one method's transfer; returns its summary.json."""
+  summary_path = out_dir / "summary.json"
+  if summary_path.exists() and not rerun:
+    print(f"[compare] {method}: already done ({summary_path})", flush=True)
+    return json.loads(summary_path.read_text())
+  cmd = [sys.executable, "-m", "experiments.transfer_tokenizer", f"--method={method}",
+         f"--out_dir={out_dir}", *passthrough]
+  if rerun:
+    cmd.append("--noresume")
+  print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
+  r = subprocess.run(cmd, check=False)
+  if r.returncode != 0:
+    raise SystemExit(f"error: the {method} run failed (exit {r.returncode}); its output is above "
+                     f"and in {out_dir}.")
+  return json.loads(summary_path.read_text())
+
+
+def _eval_history(out_dir: Path) -> list[tuple[int, float]]:
+  from alm.training.metrics import read_history  # pylint: disable=import-outside-toplevel
+  return [(r["step"], r["student_bpb"]) for r in read_history(out_dir)
+          if r["kind"] == "eval" and "student_bpb" in r]
+
+
+def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Path:
+  """Writes comparison.md / .json / .png from the per-method summaries.
+
+  Args:
+    out_dir: the comparison directory (method runs in its sub-directories).
+    summaries: {method: summary.json of its run}.
+
+  Returns:
+    The path of comparison.md.
+  """
+  first = next(iter(summaries.values()))
+  teacher, init = first["teacher_bpb"], first["init_student_bpb"]
+  for m, s in summaries.items():
+    # Same model, data and held-out rows: the starting point must be identical.
+    if abs(s["teacher_bpb"] - teacher) > 1e-6 or abs(s["init_student_bpb"] - init) > 1e-6:
+      raise ValueError(f"The {m} run started from a different teacher / initial student "
+                       f"({s['teacher_bpb']:.4f} / {s['init_student_bpb']:.4f} vs {teacher:.4f} / "
+                       f"{init:.4f}); were its flags different? Re-run with --rerun.")
+  rows = [("teacher (own tokenizer)", teacher, None), ("FVT-initialised student", init, 0.0)]
+  rows += [(f"{m} student", s["final_student_bpb"], s["gap_closed"]) for m, s in summaries.items()]
+  steps = {s["steps"] for s in summaries.values()}
+  lines = ["# Tokenizer-transfer methods compared", "",
+           f"Model {first.get('model', '?')} -> tokenizer {first.get('target_tokenizer', '?')}, "
+           f"data {first.get('data', '?')}, {'/'.join(map(str, sorted(steps)))} steps, seed "
+           f"{first.get('seed', '?')}; held-out bits per byte "
+           f"({first.get('heldout_rows', '?')} rows).", "",
+           "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
+  for name, bpb, gap in rows:
+    lines.append(f"| {name} | {bpb:.4f} | {'—' if gap is None else f'{100 * gap:.0f} %'} |")
+  best = min(summaries, key=lambda m: summaries[m]["final_student_bpb"])
+  lines += ["", f"Best: **{best}** (closest to the teacher's {teacher:.4f}).", "",
+            "![held-out bits per byte](comparison.png)", ""]
+  for m, s in summaries.items():
+    if "command" in s:
+      lines.append(f"- {m}: `{s['command']}`")
+  _plot(out_dir, summaries, teacher)
+  md = out_dir / "comparison.md"
+  md.write_text("\n".join(lines) + "\n")
+  (out_dir / "comparison.json").write_text(json.dumps(
+      {"teacher_bpb": teacher, "init_student_bpb": init,
+       "methods": {m: {k: s[k] for k in ("final_student_bpb", "gap_closed", "steps", "wall_s")
+                       if k in s} for m, s in summaries.items()}}, indent=1))
+  return md
+
+
+def _plot(out_dir: Path, summaries: dict[str, dict[str, Any]], teacher: float) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m in summaries:
+    pts = _eval_history(out_dir / m)
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{m} student")
+  ax.axhline(teacher, color="k", ls="--", label="teacher")
+  ax.set_xlabel("step")
+  ax.set_ylabel("held-out bits per byte")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_dir / "comparison.png", dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  passthrough = argv[1:]
+  for a in passthrough:
+    if a.startswith(("--method=", "--out_dir=")) or a in ("--method", "--out_dir"):
+      raise app.UsageError(f"{a} is set by compare_methods itself (use --methods / --out_dir "
+                           "before the `--`).")
+  bad = [m for m in FLAGS.methods if m not in config_lib.METHODS]
+  if bad or not FLAGS.methods:
+    raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: unknown {bad}; choose from "
+                         f"{', '.join(config_lib.METHODS)}.")
+  if len(set(FLAGS.methods)) != len(FLAGS.methods):
+    raise app.UsageError("--methods lists a method twice.")
+  out = Path(FLAGS.out_dir).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  summaries = {m: run_one(m, out / m, passthrough, FLAGS.rerun) for m in FLAGS.methods}
+  md = write_comparison(out, summaries)
+  print()
+  print(md.read_text())
+
+
+if __name__ == "__main__":
+  app.run(main)
