@@ -326,3 +326,154 @@ def test_batch_errors_name_the_pair():
     align_batch([good, (make_enc([b"ab"]), broken)], pad_to=(4, 4))
   with pytest.raises(ValueError, match="needs bias_tables"):
     align_batch([good], pad_to=(4, 4), constraint="unbiased")
+
+
+# ---------------------------------------------------------------------------
+# Malformed encodings are errors, on every path (no specials, specials only in
+# front, specials elsewhere), per pair and batched.
+# ---------------------------------------------------------------------------
+
+
+def _raw_enc(ends, starts, special=None, text=b"abc") -> Encoding:
+  n = len(ends)
+  special = [False] * n if special is None else special
+  return Encoding(np.arange(100, 100 + n, dtype=np.int32), np.array(starts, np.int32),
+                  np.array(ends, np.int32), np.array(special, bool), text)
+
+
+def _with_special(enc: Encoding, at: int) -> Encoding:
+  """`enc` with a special token inserted at position `at` (span empty, at the previous end)."""
+  pos = int(enc.ends[at - 1]) if at else 0
+  ins = lambda a, v: np.insert(a, at, v).astype(a.dtype)
+  return Encoding(ins(enc.ids, 1), ins(enc.starts, pos), ins(enc.ends, pos),
+                  ins(enc.special, True), enc.text)
+
+
+_MALFORMED = {
+    "decreasing ends": _raw_enc([2, 1, 3], [0, 0, 1]),
+    "repeated end": _raw_enc([1, 1, 3], [0, 0, 1]),
+    "short of the text": _raw_enc([1, 2], [0, 1]),
+    "past the text": _raw_enc([1, 4], [0, 1]),
+    "first end at 0": _raw_enc([0, 1, 3], [-1, 0, 1]),
+    # The last token is empty, so the text tokens end at byte 1 (an earlier
+    # fast path read the ends alone and accepted this).
+    "empty last token": _raw_enc([1, 3], [0, 3]),
+}
+
+
+def _tiles_reference(enc: Encoding) -> bool:
+  """Text tokens (non-special, non-empty) have ends increasing strictly from > 0 to len(text)."""
+  e = [int(enc.ends[i]) for i in range(len(enc))
+       if not enc.special[i] and enc.ends[i] > enc.starts[i]]
+  if not e:
+    return not enc.text
+  return e[0] > 0 and e[-1] == len(enc.text) and all(a < b for a, b in zip(e, e[1:]))
+
+
+@pytest.mark.parametrize("name", sorted(_MALFORMED))
+@pytest.mark.parametrize("special_at", [None, 0, 1])
+def test_malformed_encodings_raise(name, special_at):
+  bad = _MALFORMED[name]
+  if special_at is not None:  # 0: a BOS (fast path); 1: a special inside the text
+    bad = _with_special(bad, special_at)
+  assert not _tiles_reference(bad)
+  good = make_enc([b"a", b"bc"])
+  for t, s, side in ((bad, good, "teacher"), (good, bad, "student")):
+    with pytest.raises(AlignmentError, match=f"The {side} encoding's text tokens do not tile"):
+      align(t, s)
+    with pytest.raises(AlignmentError, match=f"Pair 1: The {side} encoding's text tokens"):
+      align_batch([(good, good), (t, s)], pad_to=(8, 8))
+
+
+def test_empty_token_after_text_is_in_no_chunk():
+  # Token 1 is empty ([2, 2)): not a text token, on every path (an earlier
+  # fast path read the ends alone and gave it a chunk).
+  enc = _raw_enc([1, 2, 3], [0, 2, 2])
+  other = make_enc([b"a", b"b", b"c"])
+  for bos in (False, True):
+    t = _with_special(enc, 0) if bos else enc
+    ti, si = align(t, other)
+    assert ti.tolist() == [-1] * bos + [-1, -1, 0] and si.tolist() == [-1, 0, 0]
+    bt, bs = align_batch([(t, other)], pad_to=(len(t), 3))
+    assert bt[0].tolist() == ti.tolist() and bs[0].tolist() == si.tolist()
+
+
+def test_text_without_text_tokens_raises():
+  bad = _raw_enc([0], [0], special=[True])
+  with pytest.raises(AlignmentError, match="student encoding has text but no text tokens"):
+    align(make_enc([b"abc"]), bad)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 12), edits=st.integers(1, 3))
+@settings(max_examples=300, deadline=None)
+def test_corrupted_encodings_raise_iff_they_do_not_tile(seed, n, edits):
+  """Random edits of valid encodings: align raises exactly when the text tokens do not tile."""
+  rng = np.random.default_rng(seed)
+  text = bytes(rng.choice(list(b"ab c"), size=n).tolist())
+  good = _random_enc(rng, text, [1, 2], rng.random() < 0.2, False)
+  other = make_enc([text]) if text else make_enc([])
+  ids, starts, ends, special = (good.ids.copy(), good.starts.copy(), good.ends.copy(),
+                                good.special.copy())
+  for _ in range(edits):
+    if not len(ids):
+      break
+    i = int(rng.integers(0, len(ids)))
+    op = int(rng.integers(0, 4))
+    if op == 0:
+      ends[i] = rng.integers(-1, n + 2)
+    elif op == 1:
+      starts[i] = rng.integers(-1, n + 2)
+    elif op == 2:
+      special[i] = not special[i]
+    else:
+      j = int(rng.integers(0, len(ids)))
+      ends[i], ends[j] = ends[j], ends[i]
+  enc = Encoding(ids, starts, ends, special, text)
+  ok = _tiles_reference(enc)
+  for t, s in ((enc, other), (other, enc)):
+    if ok:
+      ti, si = align(t, s)
+      bt, bs = align_batch([(t, s)], pad_to=(len(t), len(s)))
+      assert bt[0].tolist() == ti.tolist() and bs[0].tolist() == si.tolist()
+    else:
+      with pytest.raises(AlignmentError, match="tile|no text tokens"):
+        align(t, s)
+      with pytest.raises(AlignmentError, match="Pair 0"):
+        align_batch([(t, s)], pad_to=(len(t), len(s)))
+
+
+def _all_targets(enc: Encoding) -> Encoding:
+  """`enc` with an all-True loss mask: same chunks, but `align` takes its general path."""
+  return Encoding(enc.ids, enc.starts, enc.ends, enc.special, enc.text, np.ones(len(enc), bool))
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 16), tokenizers=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_fast_paths_equal_general_path(seed, n, tokenizers):
+  rng = np.random.default_rng(seed)
+  text = bytes(rng.choice(list(b"ab c"), size=n).tolist())
+  t = _random_enc(rng, text, [1, 2, 5, 6], rng.random() < 0.2, False)
+  s = _random_enc(rng, text, [3, 4, 5, 6], rng.random() < 0.2, False)
+  if rng.random() < 0.5:  # specials only in front (a BOS) or none: the fused fast path
+    t, s = (Encoding(e.ids[~e.special | (np.arange(len(e)) == 0)],
+                     e.starts[~e.special | (np.arange(len(e)) == 0)],
+                     e.ends[~e.special | (np.arange(len(e)) == 0)],
+                     e.special[~e.special | (np.arange(len(e)) == 0)], text) for e in (t, s))
+  kw = dict(teacher_tokenizer=_FakeTok(1, 2), student_tokenizer=_FakeTok(3, 4)) if tokenizers \
+      else {}
+  ti, si = align(t, s, **kw)
+  gi, gs = align(_all_targets(t), _all_targets(s), **kw)
+  assert ti.dtype == np.int32 and si.dtype == np.int32
+  assert ti.tolist() == gi.tolist() and si.tolist() == gs.tolist()
+
+
+def test_front_specials_of_different_kinds_are_not_chunks():
+  # Teacher BOS, student EOS-kind marker in front: not matched, in no chunk;
+  # token 0 is a special on both sides, so the first text chunk is kept.
+  t = make_enc([b"a", b"b"], specials=[(0, 1)])
+  s = make_enc([b"ab"], specials=[(0, 4)])
+  kw = dict(teacher_tokenizer=_FakeTok(1, 2), student_tokenizer=_FakeTok(3, 4))
+  ti, si = align(t, s, **kw)
+  assert ti.tolist() == [-1, 0, 0] and si.tolist() == [-1, 0]
+  gi, gs = align(_all_targets(t), _all_targets(s), **kw)
+  assert gi.tolist() == ti.tolist() and gs.tolist() == si.tolist()

@@ -44,12 +44,24 @@ def _check_constraint(constraint: str) -> None:
                      "('boundary_prob' merging is applied in the loss, on device.)")
 
 
+# `np.count_nonzero` is a Python wrapper around this C function; the wrapper's
+# overhead is a visible share of aligning one ~500-token pair.
+_count_nonzero = getattr(getattr(getattr(np, "_core", None), "multiarray", None), "count_nonzero",
+                         np.count_nonzero)
+
+
 def _tiles(e: np.ndarray, size: int) -> bool:
-  """Whether text-token ends increase strictly from > 0 up to `size` (the tokens tile the text)."""
+  """Whether text-token ends increase strictly from > 0 up to `size` (the tokens tile the text).
+
+  This is what makes the mark tables of `align` exact (every end a distinct
+  byte offset in [1, size]), so it runs on every call: an Encoding holds
+  mutable arrays and is built in several places, so no earlier check is
+  trusted.
+  """
   k = e.shape[0]
   if not k:
     return not size
-  return bool(e[-1] == size and e[0] > 0 and (k == 1 or not np.count_nonzero(e[1:] <= e[:-1])))
+  return bool(e[-1] == size and e[0] > 0 and (k == 1 or not _count_nonzero(e[1:] <= e[:-1])))
 
 
 def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | int | None, np.ndarray]:
@@ -63,20 +75,32 @@ def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | int | None, np.nd
     (positions, ends): positions is None when every token is text, an int
     `j` when the text tokens are exactly tokens `j..n-1` (specials such as a
     BOS only in front), else an index array. The common cases skip most numpy
-    calls, which dominate the cost at ~500 tokens.
+    calls, which dominate the cost at ~500 tokens. `ends` is an intp array:
+    it indexes byte tables several times, and numpy converts narrower index
+    arrays on every indexing.
+
+  Raises:
+    AlignmentError: the text tokens' ends do not increase strictly from > 0
+      to len(text) (the tokens do not tile the text).
   """
   ends = enc.ends
+  special = enc.special
   n = ends.shape[0]
   size = len(enc.text)
-  n_sp = int(np.count_nonzero(enc.special))
-  if not n_sp or (n_sp < n and np.count_nonzero(enc.special[:n_sp]) == n_sp):
-    # Specials (if any) only in front: the rest are text if they tile the text
-    # and the first is not empty; anything else takes the general path.
+  n_sp = int(_count_nonzero(special))
+  if not n_sp or (n_sp < n and _count_nonzero(special[:n_sp]) == n_sp):
+    # Specials (if any) only in front: the rest are the text tokens if none of
+    # them is empty, and then they must tile the text. Anything else (an
+    # empty token, or ends that do not tile) takes the general path, which
+    # decides exactly as if there were no fast path.
     e = ends[n_sp:]
-    if _tiles(e, size) and (n_sp == n or e[0] > enc.starts[n_sp]):
-      return (n_sp or None), e
+    k = n - n_sp
+    if (not size) if not k else (
+        e[-1] == size and e[0] > 0 and not _count_nonzero(e <= enc.starts[n_sp:]) and
+        (k == 1 or not _count_nonzero(e[1:] <= e[:-1]))):
+      return (n_sp or None), e.astype(np.intp, copy=False)
   text = ends > enc.starts
-  text &= ~enc.special
+  text &= ~special
   pos = text.nonzero()[0]
   e = ends[pos]
   if not _tiles(e, size):
@@ -85,7 +109,7 @@ def _text_ends(enc: Encoding, side: str) -> tuple[np.ndarray | int | None, np.nd
     raise AlignmentError(
         f"The {side} encoding's text tokens do not tile its text (ends must increase strictly "
         f"and the last must be len(text)={size}); build it with tokenizer.encode().")
-  return (None if len(pos) == n else pos), e
+  return (None if len(pos) == n else pos), e.astype(np.intp, copy=False)
 
 
 def _match_specials(t: Encoding, s: Encoding, common: np.ndarray, tokenizers) -> list:
@@ -175,7 +199,8 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
 
   Returns:
     (teacher_chunk_ids int32 [n], student_chunk_ids int32 [m]); see the module
-    docstring for the conventions (-1, token 0, loss masks).
+    docstring for the conventions (-1, token 0, loss masks). The two may be
+    views of one buffer.
 
   Raises:
     AlignmentError: the encodings encode different texts or are malformed.
@@ -192,45 +217,63 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
   s_pos, s_end = _text_ends(s, "student")
   n, m = t.ids.shape[0], s.ids.shape[0]
 
-  # Common ends of two sorted unique arrays of byte offsets in [1, len(text)]:
-  # byte-indexed mark tables are O(n + m + len(text)) and cheaper than a sort
-  # (np.intersect1d) or a binary search. Numpy calls dominate at ~500 tokens,
-  # so this path takes as few of them as it can.
+  # Common ends of two sorted unique arrays of byte offsets in [1, len(text)]
+  # (`_text_ends` checked this): byte-indexed mark tables are O(n + m +
+  # len(text)) and cheaper than a sort (np.intersect1d) or a binary search.
+  # s_mark[t_end[i]] is 1 when teacher text token i ends where a student text
+  # token ends (at a common boundary), and t_mark[s_end[j]] likewise. Numpy
+  # calls dominate at ~500 tokens, so the paths below take as few as they can.
   size = len(t.text) + 1
-  both = np.zeros(size, bool)
-  both[t_end] = True
-  mark = np.zeros(size, bool)
-  mark[s_end] = True
-  both &= mark  # both[x]: x is a common boundary
+  t_mark = np.zeros(size, np.int32)
+  t_mark[t_end] = 1
+  s_mark = np.zeros(size, np.int32)
+  s_mark[s_end] = 1
 
   matched = []
   if len(t_end) < n and len(s_end) < m:
-    matched = _match_specials(t, s, t_end[both[t_end]], (teacher_tokenizer, student_tokenizer))
+    matched = _match_specials(t, s, t_end[s_mark[t_end] > 0],
+                              (teacher_tokenizer, student_tokenizer))
 
-  if constraint == "unconstrained" and not matched and t.loss_mask is None and \
-      s.loss_mask is None:
-    # Fast path. A text token's chunk is the number of common boundaries
-    # strictly before its end: before[x] = #common < x, read at the token ends.
-    # Chunk 0 is dropped when it holds token 0 of either side (not when token 0
-    # is a special on both sides: then it is in no chunk).
+  plain = constraint == "unconstrained" and not matched and t.loss_mask is None and \
+      s.loss_mask is None
+  if plain and size > 1 and not isinstance(t_pos, np.ndarray) and \
+      not isinstance(s_pos, np.ndarray):
+    # Fast path: non-empty text, specials (if any) only in front. A text
+    # token's chunk is the number of common boundaries strictly before its
+    # end, i.e. of hits before it on its own side: one running sum over a
+    # buffer holding both sides, [t specials | shift, t hits[:-1] | s specials
+    # | -(t hits[:-1]), s hits[:-1]], so the student part restarts at `shift`.
+    # shift = -1 drops chunk 0 when it holds token 0 of either side (token 0
+    # is text there); when token 0 is a special on both sides it is in no
+    # chunk and nothing is dropped.
+    pt, ps = t_pos or 0, s_pos or 0
+    buf = np.zeros(n + m, np.int32)
+    buf[pt] = -1 if not (pt and ps) else 0
+    seg = buf[pt + 1:n]
+    s_mark.take(t_end[:-1], out=seg, mode="clip")  # ends are in range; "clip" is unbuffered
+    buf[n + ps] = -int(_count_nonzero(seg))
+    t_mark.take(s_end[:-1], out=buf[n + ps + 1:], mode="clip")
+    np.add.accumulate(buf, out=buf)
+    if pt:
+      buf[:pt] = -1
+    if ps:
+      buf[n:n + ps] = -1
+    return buf[:n], buf[n:]
+
+  hit = s_mark[t_end] > 0  # teacher text tokens ending at a common boundary
+  s_hit = t_mark[s_end] > 0
+  if plain:
+    # Specials elsewhere (one-sided, unmatched) or an empty text: the same
+    # running count per side, scattered to the text positions.
     drop = (len(t_end) and (t_pos is None or (not isinstance(t_pos, int) and t_pos[0] == 0))) or \
         (len(s_end) and (s_pos is None or (not isinstance(s_pos, int) and s_pos[0] == 0)))
-    before = np.empty(size + 1, np.int32)
-    before[0] = 0
-    np.add.accumulate(both, dtype=np.int32, out=before[1:])  # before[x + 1] = #common <= x
-    if drop:
-      before -= 1  # chunk 0 becomes -1 and the others shift down (as in the slow path)
-    # before[e] = #common <= e - 1 = #common < e.
-    t_chunk = before[t_end]
-    s_chunk = before[s_end]
-    return _scatter(t_chunk, t_pos, n), _scatter(s_chunk, s_pos, m)
+    drop = -1 if drop else 0
+    return _hits_before(hit, t_pos, n, drop), _hits_before(s_hit, s_pos, m, drop)
 
   if isinstance(t_pos, int):
     t_pos = np.arange(t_pos, n)
   if isinstance(s_pos, int):
     s_pos = np.arange(s_pos, m)
-  hit = both[t_end]  # teacher text tokens ending at a common boundary
-  s_hit = both[s_end]
   common = t_end[hit]
   kept = common
   drop_last = False
@@ -294,17 +337,35 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
   return t_ids, s_ids
 
 
-def _scatter(chunk: np.ndarray, pos, n: int) -> np.ndarray:
-  """Per-token ids from the text tokens' ids (-1 elsewhere); `pos` as from `_text_ends`."""
-  if pos is None:
-    return chunk
+def _hits_before(hit: np.ndarray, pos, n: int, shift: int) -> np.ndarray:
+  """Per-token chunk ids of the fast path: `shift` + the number of hits before each text token.
+
+  Args:
+    hit: bool [k] whether each text token ends at a common boundary.
+    pos: the text tokens' positions, as from `_text_ends`.
+    n: the number of tokens; tokens that are not text get -1.
+    shift: 0, or -1 to drop chunk 0 (and shift the others down).
+
+  Returns:
+    int32 [n] chunk ids, written in place into one buffer (an exclusive
+    cumulative sum), with no index arrays built.
+  """
+  k = hit.shape[0]
   out = np.empty(n, np.int32)  # np.full is a slower Python wrapper
-  if isinstance(pos, int):
+  if pos is None:
+    seg = out
+  elif isinstance(pos, int):
     out[:pos] = -1
-    out[pos:] = chunk
+    seg = out[pos:]
   else:
     out.fill(-1)
-    out[pos] = chunk
+    seg = np.empty(k, np.int32)
+  if k:
+    seg[0] = shift
+    seg[1:] = hit[:-1]
+    np.add.accumulate(seg, out=seg)
+  if pos is not None and not isinstance(pos, int):
+    out[pos] = seg
   return out
 
 
