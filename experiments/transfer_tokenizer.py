@@ -10,6 +10,15 @@ trained student:
 Other methods on the same data and seed, for comparison:
 
   python -m experiments.transfer_tokenizer --method=sft --out_dir=runs/sft
+  python -m experiments.transfer_tokenizer --method=dskd --out_dir=runs/dskd  # also mined, uld
+
+The paper's "unbiased" chunks need the tokenization-bias tables of the pair
+(built once):
+
+  python -m experiments.compute_bias_tables --teacher=smollm2-135m-instruct \
+      --student=qwen3 --out=bias/smollm2-qwen3
+  python -m experiments.transfer_tokenizer --constraint=unbiased \
+      --bias_tables=bias/smollm2-qwen3 --out_dir=runs/unbiased
 
 Outputs in --out_dir: metrics.jsonl, tensorboard/, report.md + report.png,
 summary.json, checkpoints/ (resumed automatically when present; --noresume to
@@ -53,7 +62,11 @@ flags.DEFINE_float("tau", 100.0, "ALM temperature.")
 flags.DEFINE_enum("constraint", "unconstrained", config_lib.CONSTRAINTS, "ALM chunk constraint.")
 flags.DEFINE_float("gamma", 0.1, "Threshold of the unbiased / boundary_prob constraints.")
 flags.DEFINE_bool("debias", True, "Outcome-chunk debiasing of chunk likelihoods.")
-flags.DEFINE_float("ntp_weight", 1.0, "lambda: weight of next-token prediction in alm+sft.")
+flags.DEFINE_float("ntp_weight", 1.0, "lambda: weight of next-token prediction in alm+sft "
+                   "(and in dskd, mined, uld).")
+flags.DEFINE_string("bias_tables", None, "Tokenization-bias tables of this tokenizer pair "
+                    "(a directory written by experiments.compute_bias_tables); needed by "
+                    "--constraint=unbiased.")
 
 # What trains.
 flags.DEFINE_integer("lora_rank", 64, "LoRA rank on attention + MLP (0: no LoRA).")
@@ -125,13 +138,15 @@ def main(argv):
   from alm.training.checkpoint import CheckpointMismatchError
   from alm.training.step import MethodNotAvailableError
   from alm.training.trainer import RunOptions
-  from alm.training.transfer import TransferJob, format_summary, report_path, run_transfer
+  from alm.training.transfer import (BiasTablesError, TransferJob, format_summary, report_path,
+                                     run_transfer)
 
   export = FLAGS.export_dir if FLAGS.export_dir is not None else f"{FLAGS.out_dir}/export"
   job = TransferJob(model=FLAGS.model, target_tokenizer=FLAGS.target_tokenizer, data=FLAGS.data,
                     heldout_data=FLAGS.heldout_data, eval_batches=FLAGS.eval_batches,
                     eval_batch_size=FLAGS.eval_batch_size, pack=FLAGS.pack,
-                    num_workers=FLAGS.num_workers, export_dir=export)
+                    num_workers=FLAGS.num_workers, export_dir=export,
+                    bias_tables=FLAGS.bias_tables or "")
   opts = RunOptions(out_dir=FLAGS.out_dir, checkpoint_dir=FLAGS.checkpoint_dir,
                     checkpoint_every=FLAGS.checkpoint_every,
                     keep_checkpoints=FLAGS.keep_checkpoints, resume=FLAGS.resume,
@@ -142,7 +157,7 @@ def main(argv):
   try:
     summary = run_transfer(job, cfg, opts, command=command)
   except (TokenizerError, DataError, MethodNotAvailableError, CheckpointMismatchError,
-          FileNotFoundError) as e:
+          BiasTablesError, FileNotFoundError) as e:
     # Bad input: the message says what and how to fix it; a traceback adds nothing.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -162,11 +162,3 @@ def test_gradient_accumulation_equals_one_big_batch(data):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
   # ... and training moved the parameters (the comparison is not vacuous).
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
-
-
-def test_missing_method_fails_clearly():
-  with pytest.raises(step_lib.MethodNotAvailableError, match="unbiased"):
-    step_lib.check_method_available(TrainConfig(constraint="unbiased"))
-  for m in ("dskd", "mined", "uld"):
-    with pytest.raises(step_lib.MethodNotAvailableError, match="available methods: alm, alm"):
-      step_lib.check_method_available(TrainConfig(method=m))

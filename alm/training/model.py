@@ -48,14 +48,15 @@ class Student(nnx.Module):
     self.transformer = transformer
     self.projector = projector
 
-  def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None):
+  def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None,
+               hidden_layers=()):
     t = self.transformer
     if self.projector is None:
       return t(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-               positions=positions)
+               positions=positions, hidden_layers=hidden_layers)
     emb = self.projector(t.embed(input_ids))  # [B, T, D]
     return t(inputs_embeds=emb, attention_mask=attention_mask, segment_ids=segment_ids,
-             positions=positions)
+             positions=positions, hidden_layers=hidden_layers)
 
 
 class Teacher(nnx.Module):
@@ -69,10 +70,12 @@ class Teacher(nnx.Module):
   def __init__(self, transformer: Transformer):
     self.transformer = transformer
 
-  def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None):
+  def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None,
+               hidden_layers=()):
     with lora_lib.lora_disabled(self.transformer):
       return self.transformer(input_ids, attention_mask=attention_mask,
-                              segment_ids=segment_ids, positions=positions)
+                              segment_ids=segment_ids, positions=positions,
+                              hidden_layers=hidden_layers)
 
 
 class TransferModel(nnx.Module):
@@ -81,11 +84,15 @@ class TransferModel(nnx.Module):
   Args:
     teacher: the teacher view.
     student: the student.
+    dskd_projector: the learned cross-model attention maps of the DSKD
+      baseline (`alm.losses.dskd.DSKDProjector`), trained with the student
+      when the method is "dskd"; None otherwise.
   """
 
-  def __init__(self, teacher: Teacher, student: Student):
+  def __init__(self, teacher: Teacher, student: Student, dskd_projector=None):
     self.teacher = teacher
     self.student = student
+    self.dskd_projector = dskd_projector
 
 
 def trainable_filter(cfg: TrainConfig):
@@ -93,7 +100,8 @@ def trainable_filter(cfg: TrainConfig):
 
   New embeddings: the student Transformer's `embedder.embedding` (and its
   `lm_head.kernel` when the model is untied); LoRA: every `nnx.LoRAParam`;
-  projector: every parameter under `student.projector`. The body, the norms
+  projector: every parameter under `student.projector`; method "dskd": every
+  parameter under `dskd_projector` (always trained). The body, the norms
   and the teacher's embeddings are never selected. Paths are matched from
   the root of a `TransferModel`, and only on the student's own (unshared)
   submodules, so sharing the body cannot make a frozen parameter trainable.
@@ -112,7 +120,12 @@ def trainable_filter(cfg: TrainConfig):
   def projector(path, value):
     return isinstance(value, nnx.Param) and tuple(path)[:2] == ("student", "projector")
 
+  def dskd_projector(path, value):
+    return isinstance(value, nnx.Param) and tuple(path)[:1] == ("dskd_projector",)
+
   parts = []
+  if cfg.method == "dskd":
+    parts.append(dskd_projector)
   if cfg.train_embeddings:
     parts.append(new_embeddings)
   if cfg.lora_rank:
@@ -122,8 +135,8 @@ def trainable_filter(cfg: TrainConfig):
   return nnx.Any(*parts)
 
 
-def _decomposition_cache(old: ByteTokenizer, new: ByteTokenizer) -> Path:
-  from alm import assets  # pylint: disable=import-outside-toplevel
+def _pair_hash(old: ByteTokenizer, new: ByteTokenizer) -> str:
+  """A short hash of both vocabularies (bytes, specials and their roles)."""
   h = hashlib.sha256()
   for tok in (old, new):
     h.update(str(tok.vocab_size).encode())
@@ -131,7 +144,46 @@ def _decomposition_cache(old: ByteTokenizer, new: ByteTokenizer) -> Path:
       h.update(len(b).to_bytes(2, "little") + b)
     h.update(json.dumps(sorted(int(i) for i in tok.special_ids)).encode())
     h.update(repr((tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None))).encode())
-  return assets.cache_dir() / "fvt" / f"{h.hexdigest()[:20]}.npz"
+  return h.hexdigest()[:20]
+
+
+def _decomposition_cache(old: ByteTokenizer, new: ByteTokenizer) -> Path:
+  from alm import assets  # pylint: disable=import-outside-toplevel
+  return assets.cache_dir() / "fvt" / f"{_pair_hash(old, new)}.npz"
+
+
+def mined_map_cache(teacher_tok: ByteTokenizer, student_tok: ByteTokenizer) -> Path:
+  """Where the MinED vocabulary map of a tokenizer pair is cached (`~/.cache/alm/mined/`)."""
+  from alm import assets  # pylint: disable=import-outside-toplevel
+  return assets.cache_dir() / "mined" / f"{_pair_hash(teacher_tok, student_tok)}.npz"
+
+
+def cached_mined_map(teacher_tok: ByteTokenizer, student_tok: ByteTokenizer) -> np.ndarray:
+  """The MinED map (student id -> teacher id of minimal edit distance), cached on disk.
+
+  `alm.losses.baselines.load_or_compute_mined_map` on the pair's token bytes,
+  stored under `mined_map_cache(...)` (the file also holds a fingerprint of
+  both vocabularies, so a stale file is recomputed, never reused). Special
+  tokens carry no bytes, so the byte-level map would send every student
+  special to the first teacher special; BOS and EOS are mapped to their
+  counterparts instead (when both tokenizers have them).
+
+  Args:
+    teacher_tok: the teacher tokenizer.
+    student_tok: the student tokenizer.
+
+  Returns:
+    int32 [V_S] teacher id per student id.
+  """
+  from alm.losses import baselines  # pylint: disable=import-outside-toplevel
+  path = mined_map_cache(teacher_tok, student_tok)
+  m = np.array(baselines.load_or_compute_mined_map(
+      path, list(student_tok.token_bytes), list(teacher_tok.token_bytes)), np.int32)
+  for role in ("bos_id", "eos_id"):
+    s_id, t_id = getattr(student_tok, role, None), getattr(teacher_tok, role, None)
+    if s_id is not None and t_id is not None:
+      m[int(s_id)] = int(t_id)
+  return m
 
 
 def cached_decomposition(old: ByteTokenizer, new: ByteTokenizer) -> fvt.Decomposition:
@@ -204,7 +256,8 @@ def build_transfer_model(teacher: Transformer, teacher_tok: ByteTokenizer,
       projections, shared with the student and off on the teacher path).
     teacher_tok: its tokenizer.
     student_tok: the target tokenizer.
-    cfg: the training config (LoRA rank/alpha, projector, seed).
+    cfg: the training config (LoRA rank/alpha, projector, seed; method "dskd"
+      adds the DSKD projector).
 
   Returns:
     The `TransferModel`.
@@ -220,7 +273,12 @@ def build_transfer_model(teacher: Transformer, teacher_tok: ByteTokenizer,
         teacher.cfg.hidden_size,
         ProjectorConfig(num_layers=cfg.projector_layers, num_heads=cfg.projector_heads),
         rngs=rngs, dtype=teacher.dtype, param_dtype=teacher.param_dtype)
-  return TransferModel(Teacher(teacher), Student(student, projector))
+  dskd_projector = None
+  if cfg.method == "dskd":
+    from alm.losses.dskd import DSKDProjector  # pylint: disable=import-outside-toplevel
+    width = teacher.cfg.hidden_size  # the student shares the body: same width
+    dskd_projector = DSKDProjector(width, width, rngs=rngs, param_dtype=teacher.param_dtype)
+  return TransferModel(Teacher(teacher), Student(student, projector), dskd_projector)
 
 
 def export_student(model: TransferModel, directory: str | Path, tokenizer: ByteTokenizer) -> Path:

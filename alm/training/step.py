@@ -18,6 +18,23 @@ does a single backward pass with cotangent `w_k / C_k`; with several, each
 micro-batch's forward is differentiated once per loss term (`jax.vjp`,
 reusing the forward) and the per-term gradient sums are combined at the end.
 
+Baselines (SPEC section 7): "dskd", "mined" and "uld" are each their
+distillation loss plus `ntp_weight` times NTP, on the same batches as ALM.
+DSKD reads both models' final (normed) hidden states and trains the
+`TransferModel.dskd_projector`; MinED reads the student -> teacher vocabulary
+map (`consts["mined_map"]`, computed once per tokenizer pair and cached,
+`alm.training.model.cached_mined_map`); ULD pairs the k-th trained token of
+each side of a row (`alm.losses.baselines.uld_loss`). DSKD normalises by
+std's of teacher quantities over the batch; under gradient accumulation the
+step first computes them over the whole batch (one extra teacher forward per
+micro-batch), so accumulation stays exact.
+
+The "unbiased" chunk constraint is applied where the chunks are made: the data
+pipeline aligns every document with the bias tables
+(`alm.align(..., constraint="unbiased", bias_tables=...)`), and the step's
+ALM loss then treats those already-merged chunks as unconstrained
+(`device_constraint`).
+
 Multi-device: the batch is sharded over the mesh's data (and fsdp) axes and
 the parameters by their logical axes (`alm.models.sharding`); the step is
 written for global arrays, so GSPMD inserts the collectives and the means
@@ -38,7 +55,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alm.losses import alm as alm_loss_lib
+from alm.losses import baselines as baselines_lib
 from alm.losses import chunks as chunks_lib
+from alm.losses import dskd as dskd_lib
 from alm.losses.reduce import LossSum
 from alm.models import sharding as sharding_lib
 from alm.training.config import TrainConfig
@@ -64,9 +83,6 @@ def _ntp_fn() -> Callable:
   return mod.next_token_loss
 
 
-_BASELINES = ("dskd", "mined", "uld")
-
-
 def loss_terms(cfg: TrainConfig) -> tuple[str, ...]:
   """Names of the loss terms of `cfg.method`, in the order the step returns them."""
   if cfg.method == "alm":
@@ -80,26 +96,91 @@ def loss_terms(cfg: TrainConfig) -> tuple[str, ...]:
 
 def check_method_available(cfg: TrainConfig) -> None:
   """Raises `MethodNotAvailableError` (naming what is missing) before any work is done."""
-  if cfg.constraint == "unbiased":
-    raise MethodNotAvailableError(
-        "constraint='unbiased' needs the tokenization-bias tables (alm.tokenization.bias) "
-        "looked up per chunk; the trainer does not wire them in yet. Use "
-        "--constraint=unconstrained, space or boundary_prob.")
   if "ntp" in loss_terms(cfg):
     _ntp_fn()
-  if cfg.method in _BASELINES:
-    # alm.losses has these losses (baselines.py, dskd.py), but the trainer does
-    # not yet build their extra inputs (MinED's vocabulary map, DSKD's trainable
-    # projector, ULD's position pairing): refuse rather than call them wrongly.
-    raise MethodNotAvailableError(
-        f"--method={cfg.method} is not wired into the trainer yet (its loss exists in "
-        "alm.losses, but the trainer does not build its inputs); available methods: alm, "
-        "alm+sft, sft.")
+
+
+def uses_alm(cfg: TrainConfig) -> bool:
+  """Whether the ALM loss is one of the terms (the chunk constraint only matters then)."""
+  return "alm" in loss_terms(cfg)
+
+
+def needs_bias_tables(cfg: TrainConfig) -> bool:
+  """Whether the data pipeline must align with tokenization-bias tables."""
+  return uses_alm(cfg) and cfg.constraint == "unbiased"
+
+
+def pipeline_constraint(cfg: TrainConfig) -> str:
+  """The constraint the data pipeline aligns with (`PipelineConfig.align_constraint`).
+
+  "space" and "unbiased" merge chunks on the host; "boundary_prob" needs the
+  teacher's probabilities and is applied by the loss. Methods without ALM get
+  the finest (unconstrained) chunks: MinED's one-to-one positions are defined
+  on them.
+  """
+  if uses_alm(cfg) and cfg.constraint in ("space", "unbiased"):
+    return cfg.constraint
+  return "unconstrained"
+
+
+def device_constraint(cfg: TrainConfig) -> str:
+  """The `ALMConfig.constraint` of the step ("unbiased" chunks come merged from the pipeline)."""
+  return "unconstrained" if cfg.constraint == "unbiased" else cfg.constraint
+
+
+def make_consts(cfg: TrainConfig, teacher_tok, student_tok) -> dict[str, np.ndarray]:
+  """The constant (per-run) inputs of the step for `cfg`'s method.
+
+  Args:
+    cfg: the training config.
+    teacher_tok: the teacher tokenizer.
+    student_tok: the student tokenizer.
+
+  Returns:
+    {"teacher_boundary", "student_boundary": bool [V]} and, for "mined",
+    "mined_map": int32 [V_S] (computed once per tokenizer pair, then read
+    from the cache; see `alm.training.model.cached_mined_map`).
+  """
+  consts = {"teacher_boundary": np.asarray(teacher_tok.boundary_token_mask(), bool),
+            "student_boundary": np.asarray(student_tok.boundary_token_mask(), bool)}
+  if cfg.method == "mined":
+    from alm.training.model import cached_mined_map  # pylint: disable=import-outside-toplevel
+    consts["mined_map"] = cached_mined_map(teacher_tok, student_tok)
+  return consts
 
 
 def _side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
   seg = batch[f"{side}_segment_ids"]
   return dict(attention_mask=seg > 0, segment_ids=seg, positions=batch[f"{side}_positions"])
+
+
+def _final_hidden(transformer, out) -> jax.Array:
+  """The normed last-layer hidden states, those the output matrix maps to the logits."""
+  h = out.hidden_states[transformer.cfg.num_layers]
+  return transformer.final_norm(h.astype(transformer.dtype))
+
+
+def _unembedding(transformer) -> jax.Array:
+  """[D, V] output matrix (the tied embedding transposed, or the lm_head kernel)."""
+  if transformer.lm_head is None:
+    return transformer.embedder.embedding[...].T
+  return transformer.lm_head.kernel[...]
+
+
+def dskd_side(transformer, out, batch: dict[str, jax.Array], side: str) -> dskd_lib.DSKDSide:
+  """The `DSKDSide` of one model from its forward output (run with `hidden_layers=(-1,)`)."""
+  return dskd_lib.DSKDSide(
+      logits=out.logits, hidden=_final_hidden(transformer, out), ids=batch[f"{side}_ids"],
+      embedding=transformer.embedder.embedding[...], unembedding=_unembedding(transformer),
+      loss_mask=batch[f"{side}_loss_mask"])
+
+
+def dskd_teacher_moments(model: TransferModel, batch: dict[str, jax.Array]) -> jax.Array:
+  """`alm.losses.dskd.teacher_moments` of one (micro-)batch (a teacher forward)."""
+  tr = model.teacher.transformer
+  out = model.teacher(batch["teacher_ids"], **_side_inputs(batch, "teacher"), hidden_layers=(-1,))
+  return dskd_lib.teacher_moments(batch["teacher_ids"], _final_hidden(tr, out),
+                                  tr.embedder.embedding[...], batch["teacher_loss_mask"])
 
 
 def compute_losses(model: TransferModel, batch: dict[str, jax.Array], consts: dict[str, Any],
@@ -109,22 +190,27 @@ def compute_losses(model: TransferModel, batch: dict[str, jax.Array], consts: di
   Args:
     model: the `TransferModel`.
     batch: a pipeline batch (see `alm.data.pipeline`), as arrays.
-    consts: `{"teacher_boundary": bool [V_T], "student_boundary": bool [V_S]}`.
+    consts: `make_consts(...)`: `{"teacher_boundary": bool [V_T],
+      "student_boundary": bool [V_S]}`, "mined_map" for MinED, and optionally
+      "dskd_scales" (`alm.losses.dskd.DSKDScales` of the whole batch; default:
+      this batch's own).
     cfg: the training config.
 
   Returns:
     {term name: LossSum}, in the order of `loss_terms(cfg)`.
   """
   terms = loss_terms(cfg)
-  s_ids = batch["student_ids"]
-  s_out = model.student(s_ids, **_side_inputs(batch, "student"))
+  hidden = (-1,) if "dskd" in terms else ()
+  s_ids, t_ids = batch["student_ids"], batch["teacher_ids"]
+  s_out = model.student(s_ids, **_side_inputs(batch, "student"), hidden_layers=hidden)
   out: dict[str, LossSum] = {}
   t_out = None
   if cfg.needs_teacher:
-    t_out = model.teacher(batch["teacher_ids"], **_side_inputs(batch, "teacher"))
+    t_out = model.teacher(t_ids, **_side_inputs(batch, "teacher"), hidden_layers=hidden)
   if "alm" in terms:
     acfg = alm_loss_lib.ALMConfig(divergence=cfg.divergence, tau=cfg.tau,
-                                  constraint=cfg.constraint, gamma=cfg.gamma, debias=cfg.debias)
+                                  constraint=device_constraint(cfg), gamma=cfg.gamma,
+                                  debias=cfg.debias)
     teacher = alm_loss_lib.Side(
         logits=t_out.logits, ids=batch["teacher_ids"], chunk_ids=batch["teacher_chunk_ids"],
         loss_mask=batch["teacher_loss_mask"], boundary_mask=consts["teacher_boundary"])
@@ -132,6 +218,20 @@ def compute_losses(model: TransferModel, batch: dict[str, jax.Array], consts: di
         logits=s_out.logits, ids=s_ids, chunk_ids=batch["student_chunk_ids"],
         loss_mask=batch["student_loss_mask"], boundary_mask=consts["student_boundary"])
     out["alm"] = alm_loss_lib.alm_loss(teacher, student, acfg)
+  if "dskd" in terms:
+    out["dskd"] = dskd_lib.dskd_loss(
+        dskd_side(model.teacher.transformer, t_out, batch, "teacher"),
+        dskd_side(model.student.transformer, s_out, batch, "student"), model.dskd_projector,
+        scales=consts.get("dskd_scales"))
+  if "mined" in terms:
+    out["mined"] = baselines_lib.mined_loss(
+        t_out.logits, t_ids, batch["teacher_chunk_ids"], s_out.logits, s_ids,
+        batch["student_chunk_ids"], consts["mined_map"],
+        teacher_loss_mask=batch["teacher_loss_mask"],
+        student_loss_mask=batch["student_loss_mask"])
+  if "uld" in terms:
+    out["uld"] = baselines_lib.uld_loss(t_out.logits, t_ids, batch["teacher_loss_mask"],
+                                        s_out.logits, s_ids, batch["student_loss_mask"])
   if "ntp" in terms:
     out["ntp"] = _ntp_fn()(s_out.logits, s_ids, batch["student_loss_mask"])
   return {k: out[k] for k in terms}
@@ -177,7 +277,7 @@ class Stepper:
   Args:
     model: the `TransferModel` (its arrays are placed on `mesh`).
     cfg: the training config.
-    consts: boundary masks (see `compute_losses`).
+    consts: `make_consts(cfg, ...)` (see `compute_losses`).
     tx: the optax optimizer.
     mesh: a (data, fsdp, tensor) mesh, or None for a single device.
   """
@@ -185,6 +285,13 @@ class Stepper:
   def __init__(self, model: TransferModel, cfg: TrainConfig, consts: dict[str, np.ndarray],
                tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None):
     check_method_available(cfg)
+    if cfg.method == "mined" and "mined_map" not in consts:
+      raise ValueError("method='mined' needs consts['mined_map'] (the student -> teacher "
+                       "vocabulary map); build consts with make_consts(cfg, teacher_tok, "
+                       "student_tok).")
+    if cfg.method == "dskd" and getattr(model, "dskd_projector", None) is None:
+      raise ValueError("method='dskd' needs TransferModel.dskd_projector; build the model "
+                       "with build_transfer_model(..., cfg) for this cfg.")
     self.cfg, self.tx = cfg, tx
     self.mesh = mesh or sharding_lib.make_mesh(1, 1, 1)
     sharding_lib.shard_model(model, self.mesh)
@@ -223,6 +330,15 @@ class Stepper:
       return tot, cnt
 
     accum = micro[next(iter(micro))].shape[0]
+    if cfg.method == "dskd" and accum > 1:
+      # DSKD's std's over the whole batch (teacher-only, so no gradient), so
+      # that the micro-batch losses add up to the whole batch's.
+      def moments(carry, mb):
+        m = dskd_teacher_moments(nnx.merge(graphdef, trainable, frozen), mb)
+        return dskd_lib.merge_moments(carry, m), None
+
+      mom, _ = jax.lax.scan(moments, jnp.zeros((3, 3), jnp.float32), micro)
+      consts = {**consts, "dskd_scales": dskd_lib.scales_from_moments(mom)}
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     if accum == 1:
       mb = jax.tree.map(lambda x: x[0], micro)

@@ -130,8 +130,19 @@ class Trainer:
     self.summary_extra = dict(summary_extra or {})
     self.mesh = sharding_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     self.fingerprint = run_fingerprint(model, teacher_tok, student_tok, cfg, fingerprint_extra)
-    consts = {"teacher_boundary": np.asarray(teacher_tok.boundary_token_mask(), bool),
-              "student_boundary": np.asarray(student_tok.boundary_token_mask(), bool)}
+    data_cfg = getattr(train_data, "cfg", None)
+    want = step_lib.pipeline_constraint(cfg)
+    got = getattr(data_cfg, "align_constraint", None)
+    if got is not None and (got == "unbiased") != (want == "unbiased"):
+      # "unbiased" chunks are merged by the pipeline only (the step treats them as
+      # unconstrained), so a mismatch would silently train on the wrong chunks.
+      raise ValueError(
+          f"The training data is aligned with constraint={got!r}, but method={cfg.method!r} "
+          f"with constraint={cfg.constraint!r} needs {want!r} chunks from the pipeline: "
+          f"PipelineConfig(align_constraint={want!r})"
+          + (" and align_fn=alm.training.transfer.bias_tables_align_fn(tables, gamma)"
+             if want == "unbiased" else "") + ".")
+    consts = step_lib.make_consts(cfg, teacher_tok, student_tok)
     self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh)
     self.schedule = learning_rate_schedule(cfg)
     self.eval_batches = [self._put_eval(b) for b in eval_batches]

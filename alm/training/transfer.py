@@ -16,12 +16,15 @@ naming the problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from alm.training.config import TrainConfig
 from alm.training.trainer import RunOptions, Trainer, take_batches
@@ -44,6 +47,9 @@ class TransferJob:
     num_workers: grain worker processes for tokenisation and alignment.
     export_dir: where to write the trained student as an HF directory
       ("" : no export).
+    bias_tables: directory of tokenization-bias tables of this tokenizer pair
+      (written by `python -m experiments.compute_bias_tables`); required by
+      constraint "unbiased".
   """
 
   model: str = "smollm2-135m-instruct"
@@ -55,11 +61,106 @@ class TransferJob:
   pack: bool = False
   num_workers: int = 0
   export_dir: str = ""
+  bias_tables: str = ""
+
+
+class BiasTablesError(ValueError):
+  """The bias tables are missing or belong to another tokenizer pair; says how to build them."""
+
+
+def _build_command(job: TransferJob, directory: str) -> str:
+  return (f"python -m experiments.compute_bias_tables --teacher={job.model} "
+          f"--student={job.target_tokenizer} --out={directory or 'DIR'}")
+
+
+def check_bias_tables_dir(job: TransferJob) -> Path:
+  """Checks (cheaply, before anything is loaded) that `job.bias_tables` holds tables.
+
+  Raises:
+    BiasTablesError: no directory given, or it lacks tables.npz / meta.json;
+      the message names the command that builds them.
+  """
+  d = job.bias_tables
+  if not d:
+    raise BiasTablesError(
+        "constraint='unbiased' needs the tokenization-bias tables of the tokenizer pair: pass "
+        "--bias_tables=DIR (TransferJob.bias_tables), after building them with: "
+        + _build_command(job, "DIR"))
+  p = Path(d)
+  if not ((p / "tables.npz").is_file() and (p / "meta.json").is_file()):
+    raise BiasTablesError(
+        f"--bias_tables={d}: no bias tables there (tables.npz + meta.json). Build them with: "
+        + _build_command(job, d))
+  return p
+
+
+def load_bias_tables(job: TransferJob, teacher_tok, student_tok):
+  """Loads `job.bias_tables` and checks that they belong to this tokenizer pair.
+
+  Checks the vocabulary sizes and that every stored (teacher, student) pair
+  is a suffix pair under these two vocabularies (the only pairs the tables
+  hold), so tables of another pair are refused even when the sizes agree.
+
+  Args:
+    job: the job (its `bias_tables`, `model`, `target_tokenizer`).
+    teacher_tok: the teacher tokenizer.
+    student_tok: the student tokenizer.
+
+  Returns:
+    The `alm.tokenization.bias.BiasTables`.
+
+  Raises:
+    BiasTablesError: missing, unreadable or of another pair (names the fix).
+  """
+  from alm.tokenization.bias import BiasTables  # pylint: disable=import-outside-toplevel
+  d = check_bias_tables_dir(job)
+  try:
+    tables = BiasTables.load(d)
+  except (OSError, ValueError, KeyError) as e:
+    raise BiasTablesError(f"--bias_tables={d}: unreadable bias tables ({e}). Rebuild them "
+                          "with: " + _build_command(job, str(d))) from e
+  vt, vs = len(tables.teacher_counts), len(tables.student_counts)
+  problem = None
+  if (vt, vs) != (teacher_tok.vocab_size, student_tok.vocab_size):
+    problem = (f"their vocabularies have {vt} (teacher) and {vs} (student) ids, this pair's "
+               f"{teacher_tok.vocab_size} and {student_tok.vocab_size}")
+  else:
+    tb, sb = teacher_tok.token_bytes, student_tok.token_bytes
+    keys = np.asarray(tables.keys, np.int64)
+    bad = sum(1 for t, s in zip((keys // vs).tolist(), (keys % vs).tolist())
+              if not (tb[t] and sb[s] and (tb[t].endswith(sb[s]) or sb[s].endswith(tb[t]))))
+    if bad:
+      problem = (f"{bad} of their {len(keys)} token pairs are not suffix pairs of this pair's "
+                 "vocabularies")
+  if problem:
+    raise BiasTablesError(
+        f"--bias_tables={d} holds tables of {tables.teacher!r} -> {tables.student!r}, not of "
+        f"this pair ({getattr(teacher_tok, 'name', job.model)!r} -> "
+        f"{getattr(student_tok, 'name', job.target_tokenizer)!r}): {problem}. Build tables "
+        "for this pair with: " + _build_command(job, "NEW_DIR"))
+  return tables
+
+
+def bias_tables_align_fn(tables, gamma: float):
+  """The pipeline's `align_fn` for constraint "unbiased": `alm.align` with the tables bound.
+
+  A `functools.partial` (picklable, so grain worker processes can use it).
+  """
+  from alm.tokenization.alignment import align  # pylint: disable=import-outside-toplevel
+  return functools.partial(align, bias_tables=tables, gamma=gamma)
+
+
+def _tables_digest(tables) -> str:
+  h = hashlib.sha256()
+  for a in (tables.keys, tables.b1, tables.b2):
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
 
 
 def _pipeline_config(cfg: TrainConfig, job: TransferJob, *, eval_: bool = False):
   from alm.data.pipeline import PipelineConfig  # pylint: disable=import-outside-toplevel
-  align = cfg.constraint if cfg.constraint in ("unconstrained", "space") else "unconstrained"
+  from alm.training.step import pipeline_constraint  # pylint: disable=import-outside-toplevel
+  align = pipeline_constraint(cfg)
   if eval_:
     return PipelineConfig(batch_size=job.eval_batch_size, teacher_len=cfg.teacher_len,
                           student_len=cfg.student_len, mode="pad", shuffle=False, num_epochs=1,
@@ -93,6 +194,8 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
     alm.TokenizerError: the target tokenizer is lossy or malformed.
     alm.data.sources.DataError: a data file is not usable (names file and line).
     alm.training.step.MethodNotAvailableError: the method's loss is missing.
+    BiasTablesError: constraint "unbiased" without usable bias tables of
+      this tokenizer pair.
     alm.training.checkpoint.CheckpointMismatchError: `resume` found a
       checkpoint of another run.
   """
@@ -102,23 +205,35 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
   from alm.training.model import build_transfer_model, export_student
-  from alm.training.step import check_method_available
+  from alm.training.step import check_method_available, needs_bias_tables
 
   t0 = time.time()
   check_method_available(cfg)
+  if needs_bias_tables(cfg):
+    check_bias_tables_dir(job)  # fail in a second, before the model loads
+  elif job.bias_tables:
+    logging.warning("Ignoring bias_tables=%s: only constraint='unbiased' with an ALM method "
+                    "uses them.", job.bias_tables)
   student_tok = load_tokenizer(job.target_tokenizer)
   train_src = open_source(job.data)
   heldout_src = open_source(job.heldout_data)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   teacher, teacher_tok = load_model(job.model, dtype=dtype)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
-  model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
-  logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer, time.time() - t0)
-  train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job))
-  heldout = take_batches(Pipeline(heldout_src, teacher_tok, student_tok,
-                                  _pipeline_config(cfg, job, eval_=True)), job.eval_batches)
   fingerprint = {"model": job.model, "target_tokenizer": job.target_tokenizer,
                  "data": job.data, "pack": job.pack}
+  align_fn = None
+  if needs_bias_tables(cfg):
+    tables = load_bias_tables(job, teacher_tok, student_tok)
+    align_fn = bias_tables_align_fn(tables, cfg.gamma)
+    fingerprint["bias_tables"] = _tables_digest(tables)
+    logging.info("Bias tables: %d pairs from %s", len(tables.keys), job.bias_tables)
+  model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
+  logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer, time.time() - t0)
+  train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job),
+                   align_fn=align_fn)
+  heldout = take_batches(Pipeline(heldout_src, teacher_tok, student_tok,
+                                  _pipeline_config(cfg, job, eval_=True)), job.eval_batches)
   extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
            "heldout_rows": len(heldout) * job.eval_batch_size}
   if command:
