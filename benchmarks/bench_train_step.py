@@ -14,6 +14,8 @@ loss, SFT only the student's next-token loss. Reported per method:
     (process RSS is neither on CPU);
 and the ALM / SFT ratios (the paper reports +25% compute, +5% memory).
 `--num_layers=N` keeps only the first N blocks (quicker to compile).
+`--methods=sft,alm,dskd,mined,uld` adds the baselines (each reported over SFT
+too; MinED computes or reads its cached vocabulary map first).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from alm.tokenization.loading import load_tokenizer
 from alm.training.config import TrainConfig
 from alm.training.model import build_transfer_model
 from alm.training.optim import make_optimizer
-from alm.training.step import Stepper
+from alm.training.step import Stepper, make_consts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
@@ -43,6 +45,8 @@ flags.DEFINE_integer("length", 128, "Tokens per row (both sides).")
 flags.DEFINE_integer("repeats", 3, "Timed steps per method.")
 flags.DEFINE_integer("num_layers", 0, "Keep only the first N blocks (0: all).")
 flags.DEFINE_integer("lora_rank", 64, "LoRA rank.")
+flags.DEFINE_list("methods", ["sft", "alm"], "Methods to measure (the first is the baseline of "
+                  "the ratios).")
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -64,8 +68,7 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
   if FLAGS.num_layers:
     teacher.layers = nnx.List(list(teacher.layers)[:FLAGS.num_layers])
   model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
-  consts = {"teacher_boundary": teacher_tok.boundary_token_mask(),
-            "student_boundary": student_tok.boundary_token_mask()}
+  consts = make_consts(cfg, teacher_tok, student_tok)
   s = Stepper(model, cfg, consts, make_optimizer(cfg))
   t0 = time.time()
   compiled = s.compile(batch)
@@ -93,19 +96,20 @@ def main(argv):
   pipe = Pipeline("default", teacher_tok, student_tok, PipelineConfig(
       batch_size=FLAGS.batch_size, teacher_len=FLAGS.length, student_len=FLAGS.length, seed=0))
   batch = next(pipe)
-  res = {m: bench(m, batch, teacher_tok, student_tok) for m in ("sft", "alm")}
-  a, s = res["alm"], res["sft"]
-  ratios = {"step_wall": a["step_wall_s"] / s["step_wall_s"],
-            "step_cpu": a["step_cpu_s"] / s["step_cpu_s"],
-            "peak_memory": a["peak_bytes"] / s["peak_bytes"],
-            "temp_memory": a["temp_size_in_bytes"] / s["temp_size_in_bytes"]}
+  res = {m: bench(m, batch, teacher_tok, student_tok) for m in FLAGS.methods}
+  base = FLAGS.methods[0]
+  s = res[base]
+  ratios = {m: {"step_wall": a["step_wall_s"] / s["step_wall_s"],
+                "step_cpu": a["step_cpu_s"] / s["step_cpu_s"],
+                "peak_memory": a["peak_bytes"] / s["peak_bytes"],
+                "temp_memory": a["temp_size_in_bytes"] / s["temp_size_in_bytes"]}
+            for m, a in res.items() if m != base}
   print(json.dumps({"config": {k: FLAGS[k].value for k in ("model", "target", "batch_size",
                                                              "length", "repeats", "num_layers",
-                                                             "lora_rank")},
-                    "results": res, "alm_over_sft": ratios}, indent=1))
+                                                             "lora_rank", "methods")},
+                    "results": res, f"over_{base}": ratios}, indent=1))
   print("\n| method | step wall s | step CPU s | peak MiB | temp MiB |\n|---|---|---|---|---|")
-  for m in ("sft", "alm"):
-    r = res[m]
+  for m, r in res.items():
     print(f"| {m} | {r['step_wall_s']:.2f} | {r['step_cpu_s']:.2f} | "
           f"{r['peak_bytes'] / 2**20:.0f} | {r['temp_size_in_bytes'] / 2**20:.0f} |")
   print(f"| ALM / SFT | {ratios['step_wall']:.2f} | {ratios['step_cpu']:.2f} | "

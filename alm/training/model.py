@@ -177,6 +177,9 @@ def cached_mined_map(teacher_tok: ByteTokenizer, student_tok: ByteTokenizer) -> 
   """
   from alm.losses import baselines  # pylint: disable=import-outside-toplevel
   path = mined_map_cache(teacher_tok, student_tok)
+  if not path.exists():
+    logging.info("Computing the MinED vocabulary map (%d x %d tokens; once per tokenizer "
+                 "pair, cached in %s)", student_tok.vocab_size, teacher_tok.vocab_size, path)
   m = np.array(baselines.load_or_compute_mined_map(
       path, list(student_tok.token_bytes), list(teacher_tok.token_bytes)), np.int32)
   for role in ("bos_id", "eos_id"):
