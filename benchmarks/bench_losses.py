@@ -180,7 +180,21 @@ def main():
   p.add_argument("--timeout", type=int, default=900,
                  help="seconds per loss (compile + runs)")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--table-from", default=None,
+                 help="print the table of a previous run's JSON lines")
   a = p.parse_args()
+  if a.table_from:
+    rows = []
+    with open(a.table_from) as f:
+      for line in f:
+        if line.startswith("{"):
+          rows.append(json.loads(line))
+        elif ": FAILED (exit code " in line or ": no result within" in line:
+          name, why = line.strip().split(": ", 1)
+          why = why.replace("FAILED (", "failed, ").rstrip(")")
+          rows.append(dict(loss=f"{name} ({why})"))
+    _print_table(rows)
+    return
   if a.one:
     print(json.dumps(_run_one(a.one, a.batch, a.seq, a.teacher_vocab,
                               a.student_vocab, a.dtype, a.repeats)))
@@ -214,25 +228,41 @@ def main():
         f"{a.repeats}; {os.cpu_count()} CPUs, load average (1 / 5 / 15 min) "
         f"at the start {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}, at "
         f"the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+  _print_table(rows)
+
+
+def _print_table(rows):
+  """Markdown table of the rows; ratios are to ce_both (or, if it has no
+  result, to ce_teacher + ce_student for time and to the larger of their
+  peaks for memory, a lower bound on ce_both's peak)."""
+  by_name = {r["loss"]: r for r in rows if "time_s" in r}
+  if "ce_both" in by_name:
+    base = "ce_both"
+    ce_time = by_name["ce_both"]["time_s"]
+    ce_rss = by_name["ce_both"]["maxrss_gib"]
+  elif "ce_teacher" in by_name and "ce_student" in by_name:
+    base = "ce_teacher + ce_student (time), max of their peaks (memory)"
+    ce_time = by_name["ce_teacher"]["time_s"] + by_name["ce_student"]["time_s"]
+    ce_rss = max(by_name["ce_teacher"]["maxrss_gib"],
+                 by_name["ce_student"]["maxrss_gib"])
+  else:
+    base = ce_time = ce_rss = None
   print("| loss | time (s) | peak RSS (GiB) | RSS before step (GiB) | "
         "step's RSS increase (GiB) | XLA temp (GiB) |")
   print("|---|---|---|---|---|---|")
-  ce = next((r for r in rows if r["loss"] == "ce_both"), None)
   fmt = lambda x: "-" if x is None else f"{x:.2f}"
   for r in rows:
     if "time_s" not in r:
       print(f"| {r['loss']} | - | - | - | - | - |")
       continue
-    name, time_s = r["loss"], f"{r['time_s']:.2f}"
-    step_rss = fmt(r["step_rss_gib"])
-    if ce and r is not ce and r["loss"].startswith(("alm", "uld", "mined")):
-      time_s += f" ({r['time_s'] / ce['time_s']:.2f}x)"
-      step_rss += f" ({r['step_rss_gib'] / ce['step_rss_gib']:.2f}x)"
-    print(f"| {name} | {time_s} | {fmt(r['maxrss_gib'])} | "
-          f"{fmt(r['rss_before_gib'])} | {step_rss} | "
-          f"{fmt(r['xla_temp_gib'])} |")
+    time_s, peak = f"{r['time_s']:.2f}", fmt(r["maxrss_gib"])
+    if base and r["loss"].startswith(("alm", "uld", "mined", "ntp")):
+      time_s += f" ({r['time_s'] / ce_time:.2f}x)"
+      peak += f" ({r['maxrss_gib'] / ce_rss:.2f}x)"
+    print(f"| {r['loss']} | {time_s} | {peak} | {fmt(r['rss_before_gib'])} | "
+          f"{fmt(r['step_rss_gib'])} | {fmt(r['xla_temp_gib'])} |")
   gen = next((r["gen_temp_gib"] for r in rows if "gen_temp_gib" in r), None)
-  print(f"(ratios: to ce_both; logits generator's XLA temp: {fmt(gen)} GiB)")
+  print(f"(ratios to {base}; logits generator's XLA temp: {fmt(gen)} GiB)")
 
 
 if __name__ == "__main__":
