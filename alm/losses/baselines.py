@@ -165,9 +165,10 @@ def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
        every teacher token at distance <= 1 (the symmetric-delete idea of
        SymSpell); the candidates are checked with the exact distance;
     3. the rest (no teacher token within distance 1) are searched among the
-       teacher tokens whose length differs by at most the best distance
-       found so far (a lower bound of the distance), vectorised over
-       candidates, starting from distance 2.
+       teacher tokens whose length differs by at most 2, then, if none is
+       that close, by at most the best distance found there (the length
+       difference is a lower bound of the distance, so the second window
+       holds the minimum), vectorised over candidates.
 
   Args:
     student_tokens: bytes of each student id (`tokenizer.token_bytes`).
@@ -207,21 +208,21 @@ def mined_vocab_map(student_tokens: list[bytes], teacher_tokens: list[bytes]
     packed[i, :len(tok)] = np.frombuffer(tok, np.uint8)
   for sid in rest:
     tok = student_tokens[sid]
-    best_id = 0
-    for bound in (2, 4, None):
-      window = np.abs(lens - len(tok)) <= (bound if bound is not None
-                                            else 10**9)
-      idx = np.flatnonzero(window)
-      if idx.size == 0:
-        continue
+    gap = np.abs(lens - len(tok))  # a lower bound of the distance
+    bound = max(2, int(gap.min()))
+    while True:
+      idx = np.flatnonzero(gap <= bound)
       w = max(1, int(lens[idx].max()))
       d = _edit_distances(tok, packed[idx, :w], lens[idx])
       j = int(np.argmin(d))  # first = smallest id among the minima
-      if bound is None or d[j] <= bound:
-        # Every token outside the window is farther than `bound` >= d[j].
-        best_id = int(idx[j])
+      if d[j] <= bound:
+        # Every token outside the window is farther than `bound` >= d[j], so
+        # this is the global minimum and the smallest id among its ties.
+        out[sid] = int(idx[j])
         break
-    out[sid] = best_id
+      # The minimum is <= d[j]: only tokens within length difference d[j]
+      # can reach it. The next window contains this one, so it ends there.
+      bound = int(d[j])
   return out
 
 
