@@ -10,7 +10,7 @@ trained student:
 Other methods on the same data and seed, for comparison:
 
   python -m experiments.transfer_tokenizer --method=sft --out_dir=runs/sft
-  python -m experiments.transfer_tokenizer --method=dskd --out_dir=runs/dskd  # also mined, uld
+  python -m experiments.transfer_tokenizer --method=dskd --out_dir=runs/dskd  # or uld, mined
 
 The paper's "unbiased" chunks need the tokenization-bias tables of the pair
 (built once):
