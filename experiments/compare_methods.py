@@ -72,26 +72,37 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
     The path of comparison.md.
   """
   first = next(iter(summaries.values()))
-  teacher, init = first["teacher_bpb"], first["init_student_bpb"]
+  labels = [""] + sorted({k.split("@", 1)[1] for k in first if k.startswith("gap_closed@")})
   for m, s in summaries.items():
     # Same model, data and held-out rows: the starting point must be identical.
-    if abs(s["teacher_bpb"] - teacher) > 1e-6 or abs(s["init_student_bpb"] - init) > 1e-6:
-      raise ValueError(f"The {m} run started from a different teacher / initial student "
-                       f"({s['teacher_bpb']:.4f} / {s['init_student_bpb']:.4f} vs {teacher:.4f} / "
-                       f"{init:.4f}); were its flags different? Re-run with --rerun.")
-  rows = [("teacher (own tokenizer)", teacher, None), ("FVT-initialised student", init, 0.0)]
-  rows += [(f"{m} student", s["final_student_bpb"], s["gap_closed"]) for m, s in summaries.items()]
+    for sfx in (f"@{l}" if l else "" for l in labels):
+      if (abs(s[f"teacher_bpb{sfx}"] - first[f"teacher_bpb{sfx}"]) > 1e-6 or
+          abs(s[f"init_student_bpb{sfx}"] - first[f"init_student_bpb{sfx}"]) > 1e-6):
+        raise ValueError(
+            f"The {m} run started from a different teacher / initial student on held-out set "
+            f"{sfx or 'main'} ({s[f'teacher_bpb{sfx}']:.4f} / {s[f'init_student_bpb{sfx}']:.4f} "
+            f"vs {first[f'teacher_bpb{sfx}']:.4f} / {first[f'init_student_bpb{sfx}']:.4f}); were "
+            "its flags different? Re-run with --rerun.")
+  teacher, init = first["teacher_bpb"], first["init_student_bpb"]
   steps = {s["steps"] for s in summaries.values()}
   lines = ["# Tokenizer-transfer methods compared", "",
            f"Model {first.get('model', '?')} -> tokenizer {first.get('target_tokenizer', '?')}, "
            f"data {first.get('data', '?')}, {'/'.join(map(str, sorted(steps)))} steps, seed "
            f"{first.get('seed', '?')}; held-out bits per byte "
-           f"({first.get('heldout_rows', '?')} rows).", "",
-           "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
-  for name, bpb, gap in rows:
-    lines.append(f"| {name} | {bpb:.4f} | {'—' if gap is None else f'{100 * gap:.0f} %'} |")
+           f"({first.get('heldout_rows', '?')} rows per held-out set)."]
+  for label in labels:
+    sfx = f"@{label}" if label else ""
+    name = f"`{first.get('heldout' + sfx, label)}`" if label else "the main held-out set"
+    lines += ["", f"Held-out set: {name}", "",
+              "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
+    rows = [("teacher (own tokenizer)", first[f"teacher_bpb{sfx}"], None),
+            ("FVT-initialised student", first[f"init_student_bpb{sfx}"], 0.0)]
+    rows += [(f"{m} student", s[f"final_student_bpb{sfx}"], s[f"gap_closed{sfx}"])
+             for m, s in summaries.items()]
+    for row, bpb, gap in rows:
+      lines.append(f"| {row} | {bpb:.4f} | {'—' if gap is None else f'{100 * gap:.0f} %'} |")
   best = min(summaries, key=lambda m: summaries[m]["final_student_bpb"])
-  lines += ["", f"Best: **{best}** (closest to the teacher's {teacher:.4f}).", "",
+  lines += ["", f"Best on the main held-out set: **{best}** (the teacher: {teacher:.4f}).", "",
             "![held-out bits per byte](comparison.png)", ""]
   for m, s in summaries.items():
     if "command" in s:
@@ -101,8 +112,9 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
   md.write_text("\n".join(lines) + "\n")
   (out_dir / "comparison.json").write_text(json.dumps(
       {"teacher_bpb": teacher, "init_student_bpb": init,
-       "methods": {m: {k: s[k] for k in ("final_student_bpb", "gap_closed", "steps", "wall_s")
-                       if k in s} for m, s in summaries.items()}}, indent=1))
+       "methods": {m: {k: v for k, v in s.items()
+                       if k.startswith(("final_student_bpb", "gap_closed")) or k in
+                       ("steps", "wall_s")} for m, s in summaries.items()}}, indent=1))
   return md
 
 

@@ -50,6 +50,9 @@ flags.DEFINE_string("target_tokenizer", "qwen3",
 flags.DEFINE_string("data", "default", "Training documents: 'default' (offline corpus), a "
                     "JSONL / text / parquet file, directory or glob, or 'hf:NAME[:SPLIT]'.")
 flags.DEFINE_string("heldout_data", "default:heldout", "Held-out documents for bits per byte.")
+flags.DEFINE_multi_string("extra_heldout", [], "More held-out sets as LABEL=SPEC (repeatable), "
+                          "e.g. text of another domain than --data; reported as "
+                          "<key>@LABEL.")
 flags.DEFINE_integer("eval_batches", 4, "Held-out batches (fixed: the first in file order).")
 flags.DEFINE_integer("eval_batch_size", 4, "Rows per held-out batch.")
 flags.DEFINE_bool("pack", False, "Pack several documents per row (else one per row, padded).")
@@ -109,6 +112,19 @@ flags.DEFINE_string("export_dir", None, "Export the student here as an HF direct
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
+def _extra_heldout(values: list[str]) -> tuple[tuple[str, str], ...]:
+  out = []
+  for v in values:
+    label, sep, spec = v.partition("=")
+    if not sep or not label or not spec or "@" in label:
+      raise app.UsageError(f"--extra_heldout={v!r}: write LABEL=SPEC (a label without '@', then "
+                           "a data spec like --heldout_data's).")
+    out.append((label, spec))
+  if len({l for l, _ in out}) != len(out):
+    raise app.UsageError("--extra_heldout: a label is used twice.")
+  return tuple(out)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -129,6 +145,8 @@ def main(argv):
   except config_lib.TrainConfigError as e:
     raise app.UsageError(str(e)) from None
 
+  extra_heldout = _extra_heldout(FLAGS.extra_heldout)
+
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.distributed:
     jax.distributed.initialize()
@@ -143,7 +161,8 @@ def main(argv):
 
   export = FLAGS.export_dir if FLAGS.export_dir is not None else f"{FLAGS.out_dir}/export"
   job = TransferJob(model=FLAGS.model, target_tokenizer=FLAGS.target_tokenizer, data=FLAGS.data,
-                    heldout_data=FLAGS.heldout_data, eval_batches=FLAGS.eval_batches,
+                    heldout_data=FLAGS.heldout_data,
+                    extra_heldout=extra_heldout, eval_batches=FLAGS.eval_batches,
                     eval_batch_size=FLAGS.eval_batch_size, pack=FLAGS.pack,
                     num_workers=FLAGS.num_workers, export_dir=export,
                     bias_tables=FLAGS.bias_tables or "")

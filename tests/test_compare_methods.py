@@ -37,7 +37,7 @@ def test_comparison_table_and_plot(tmp_path):
   assert "| FVT-initialised student | 1.7500 | 0 % |" in md
   assert "| alm student | 1.3750 | 75 % |" in md
   assert "| sft student | 1.5000 | 50 % |" in md
-  assert "Best: **alm**" in md and "--method=sft" in md
+  assert "Best on the main held-out set: **alm**" in md and "--method=sft" in md
   assert (tmp_path / "comparison.png").stat().st_size > 1000
   js = json.loads((tmp_path / "comparison.json").read_text())
   assert js["methods"]["sft"]["final_student_bpb"] == 1.5
@@ -71,3 +71,18 @@ def test_finished_runs_are_reused(tmp_path):
   r = _cli("--methods=alm,sft", f"--out_dir={tmp_path}")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "already done" in r.stdout and "| alm student | 1.3750 | 75 % |" in r.stdout
+
+
+def test_extra_heldout_sets_get_their_own_table(tmp_path):
+  s = {}
+  for m, final, ood in (("alm", 1.375, 2.0), ("sft", 1.5, 2.5)):
+    s[m] = _fake_run(tmp_path / m, m, final)
+    s[m].update({"teacher_bpb@prose": 1.5, "init_student_bpb@prose": 3.0,
+                 "final_student_bpb@prose": ood, "gap_closed@prose": (3.0 - ood) / 1.5,
+                 "heldout@prose": "prose.jsonl"})
+  md = compare_methods.write_comparison(tmp_path, s).read_text()
+  assert "Held-out set: `prose.jsonl`" in md
+  assert "| alm student | 2.0000 | 67 % |" in md and "| sft student | 2.5000 | 33 % |" in md
+  s["sft"]["init_student_bpb@prose"] = 2.9
+  with pytest.raises(ValueError, match="held-out set @prose"):
+    compare_methods.write_comparison(tmp_path, s)

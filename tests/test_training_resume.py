@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
   return tu.write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def _trainer(corpus, out, cfg, *, model_overrides=None, **opts):
+def _trainer(corpus, out, cfg, *, model_overrides=None, extra_eval_label=None, **opts):
   tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
   model = build_transfer_model(tu.teacher_model(0, **(model_overrides or {})), tt, st, cfg)
   pipe = Pipeline(str(corpus), tt, st, PipelineConfig(
@@ -41,7 +41,9 @@ def _trainer(corpus, out, cfg, *, model_overrides=None, **opts):
   heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
       batch_size=2, teacher_len=T_LEN, student_len=S_LEN, shuffle=False, num_epochs=1)), 1)
   run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)
-  return Trainer(model, tt, st, cfg, pipe, heldout, run, fingerprint_extra={"data": "tiny"})
+  extra = {extra_eval_label: heldout} if extra_eval_label is not None else None
+  return Trainer(model, tt, st, cfg, pipe, heldout, run, extra_eval=extra,
+                 fingerprint_extra={"data": "tiny"})
 
 
 def _params(trainer):
@@ -53,12 +55,14 @@ def runs(corpus, tmp_path_factory):
   """An uninterrupted 4-step run, and one stopped after 2 steps then resumed."""
   cfg = _cfg()
   full_dir = tmp_path_factory.mktemp("full")
-  full = _trainer(corpus, full_dir, cfg, checkpoint_every=2)
+  # A second held-out set (here the same rows under another label) rides along.
+  full = _trainer(corpus, full_dir, cfg, checkpoint_every=2, extra_eval_label="again")
   full_summary = full.fit()
   part_dir = tmp_path_factory.mktemp("part")
-  stopped = _trainer(corpus, part_dir, cfg, checkpoint_every=2, stop_after=3)
+  stopped = _trainer(corpus, part_dir, cfg, checkpoint_every=2, stop_after=3,
+                     extra_eval_label="again")
   assert stopped.fit() == {"stopped_at": 3}  # step 3 was never saved: resume redoes it
-  resumed = _trainer(corpus, part_dir, cfg, checkpoint_every=2)
+  resumed = _trainer(corpus, part_dir, cfg, checkpoint_every=2, extra_eval_label="again")
   resumed_summary = resumed.fit()
   return full, full_summary, resumed, resumed_summary, part_dir
 
@@ -70,6 +74,10 @@ def test_resumed_run_reaches_the_same_parameters(runs):
     np.testing.assert_array_equal(a, b)
   assert resumed_summary["final_student_bpb"] == full_summary["final_student_bpb"]
   assert resumed_summary["init_student_bpb"] == full_summary["init_student_bpb"]
+  for s in (full_summary, resumed_summary):  # the extra held-out set, reported per key
+    for k in ("teacher_bpb", "init_student_bpb", "final_student_bpb", "gap_closed"):
+      assert s[f"{k}@again"] == s[k], k
+  assert s["final_student_bpb"] != s["init_student_bpb"]
   # The training losses of the steps after the resume are the same too.
   def losses(d):
     return {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))
@@ -125,3 +133,8 @@ def test_export_is_loadable_by_alm_load_model(runs, tmp_path):
   assert tok.vocab_size == tu.student_tokenizer().vocab_size
   got = np.asarray(loaded(ids, attention_mask=mask).logits)
   np.testing.assert_allclose(got[mask], want[mask], rtol=2e-4, atol=2e-4)
+
+
+def test_extra_heldout_labels_are_checked(corpus, tmp_path):
+  with pytest.raises(ValueError, match="without '@'"):
+    _trainer(corpus, tmp_path, _cfg(), extra_eval_label="a@b")

@@ -114,6 +114,9 @@ class Trainer:
     train_data: an `alm.data.pipeline.Pipeline` (iterator with `state()` /
       `restore()`) of training batches of `cfg.batch_size` rows.
     eval_batches: fixed held-out batches (same feature layout).
+    extra_eval: more held-out sets, {label: batches}, evaluated like
+      `eval_batches` and reported under `<key>@<label>` (e.g. text of another
+      domain than the training data, to see what training forgets).
     opts: output, evaluation and checkpoint options.
     fingerprint_extra: identifying information stored with checkpoints.
     summary_extra: added to the report's summary table (e.g. the command).
@@ -122,6 +125,7 @@ class Trainer:
   def __init__(self, model: TransferModel, teacher_tok: ByteTokenizer,
                student_tok: ByteTokenizer, cfg: TrainConfig, train_data,
                eval_batches: Sequence[dict[str, np.ndarray]], opts: RunOptions, *,
+               extra_eval: dict[str, Sequence[dict[str, np.ndarray]]] | None = None,
                fingerprint_extra: dict[str, Any] | None = None,
                summary_extra: dict[str, Any] | None = None):
     self.cfg, self.opts = cfg, opts
@@ -146,6 +150,10 @@ class Trainer:
     self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh)
     self.schedule = learning_rate_schedule(cfg)
     self.eval_batches = [self._put_eval(b) for b in eval_batches]
+    self.extra_eval = {k: [self._put_eval(b) for b in v] for k, v in (extra_eval or {}).items()}
+    bad = [k for k in self.extra_eval if not k or "@" in k]
+    if bad:
+      raise ValueError(f"Held-out set labels must be non-empty and without '@': {bad}.")
     graphdef = self.stepper.state.graphdef
 
     def eval_fn(trainable, frozen, batch):
@@ -178,20 +186,34 @@ class Trainer:
 
   # -- evaluation -------------------------------------------------------------
 
-  def bits_per_byte(self) -> dict[str, float]:
+  def bits_per_byte(self, batches: Sequence[dict[str, jax.Array]] | None = None
+                    ) -> dict[str, float]:
     """Held-out bits per byte of the teacher and the student (current parameters).
+
+    Args:
+      batches: placed held-out batches (default: the main held-out set).
 
     Returns:
       {"teacher_bpb", "student_bpb", and the predicted bytes / tokens of each}.
     """
     st = self.stepper.state
     sums = np.zeros((2, 3))
-    for b in self.eval_batches:
+    for b in (self.eval_batches if batches is None else batches):
       sums += np.asarray(jax.device_get(self._eval(st.trainable, st.frozen, b)), np.float64)
     out = {}
     for i, side in enumerate(("teacher", "student")):
       out[f"{side}_bpb"] = float(sums[i, 0] / max(sums[i, 1], 1.0))
       out[f"{side}_bytes"], out[f"{side}_tokens"] = float(sums[i, 1]), float(sums[i, 2])
+    return out
+
+  def evaluate(self) -> dict[str, float]:
+    """`teacher_bpb` / `student_bpb` on every held-out set (`<key>@<label>` for the extra ones)."""
+    sets = {"": None, **{f"@{k}": v for k, v in self.extra_eval.items()}}
+    out = {}
+    for suffix, batches in sets.items():
+      ev = self.bits_per_byte(batches)
+      out[f"teacher_bpb{suffix}"], out[f"student_bpb{suffix}"] = (ev["teacher_bpb"],
+                                                                  ev["student_bpb"])
     return out
 
   # -- the loop ---------------------------------------------------------------
@@ -232,10 +254,9 @@ class Trainer:
       if meta is not None:
         base = dict(meta["extra"])
       else:
-        ev = self.bits_per_byte()
-        base = {"teacher_bpb": ev["teacher_bpb"], "init_student_bpb": ev["student_bpb"]}
-        logger.log(0, "eval", {"teacher_bpb": base["teacher_bpb"],
-                               "student_bpb": base["init_student_bpb"]})
+        ev = self.evaluate()
+        base = {k.replace("student_bpb", "init_student_bpb"): v for k, v in ev.items()}
+        logger.log(0, "eval", ev)
       last_t, last_step, tokens = time.time(), st.step, 0
       pending: list[tuple[int, dict]] = []
       end = self.cfg.steps if self.opts.stop_after is None else min(self.cfg.steps,
@@ -257,29 +278,27 @@ class Trainer:
             logger.log(s, "train", {**vals, "tokens_per_s": rate})
           pending, last_t, last_step, tokens = [], now, st.step, 0
         if self.opts.eval_every and st.step % self.opts.eval_every == 0 and st.step < end:
-          ev = self.bits_per_byte()
-          logger.log(st.step, "eval", {"teacher_bpb": ev["teacher_bpb"],
-                                       "student_bpb": ev["student_bpb"]})
+          logger.log(st.step, "eval", self.evaluate())
         if (self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0
             and st.step < self.cfg.steps):
           self._save(base)
       if self.opts.stop_after is not None and st.step < self.cfg.steps:
         return {"stopped_at": st.step}
-      ev = self.bits_per_byte()
-      final = ev["student_bpb"]
-      logger.log(st.step, "eval", {"teacher_bpb": ev["teacher_bpb"], "student_bpb": final})
+      ev = self.evaluate()
+      logger.log(st.step, "eval", ev)
       self._save(base)
     finally:
       logger.close()
-    gap0 = base["init_student_bpb"] - base["teacher_bpb"]
-    summary = {
-        "method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed,
-        "teacher_bpb": base["teacher_bpb"], "init_student_bpb": base["init_student_bpb"],
-        "final_student_bpb": final,
-        "gap_closed": (base["init_student_bpb"] - final) / gap0 if gap0 else float("nan"),
-        "wall_s": time.time() - t_start,
-        **self.summary_extra,
-    }
+    summary = {"method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed}
+    for suffix in ("", *(f"@{k}" for k in self.extra_eval)):
+      teacher, init = base[f"teacher_bpb{suffix}"], base[f"init_student_bpb{suffix}"]
+      gap0 = init - teacher
+      summary.update({
+          f"teacher_bpb{suffix}": teacher, f"init_student_bpb{suffix}": init,
+          f"final_student_bpb{suffix}": ev[f"student_bpb{suffix}"],
+          f"gap_closed{suffix}": (init - ev[f"student_bpb{suffix}"]) / gap0 if gap0
+                                 else float("nan")})
+    summary.update({"wall_s": time.time() - t_start, **self.summary_extra})
     write_report(self.opts.out_dir, summary,
                  title=f"Tokenizer transfer ({self.cfg.method}, {st.step} steps)")
     (Path(self.opts.out_dir) / "summary.json").write_text(json.dumps(_json_safe(summary),

@@ -41,6 +41,8 @@ class TransferJob:
     data: training documents (`alm.data.sources.open_source` spec; "default"
       is the offline default corpus's training split).
     heldout_data: held-out documents for bits per byte ("default:heldout").
+    extra_heldout: more held-out sets, `{label: spec}` (e.g. another domain
+      than the training data); reported as `<key>@<label>`.
     eval_batches: held-out batches (fixed, the first ones in file order).
     eval_batch_size: rows per held-out batch.
     pack: pack several documents per row (else one document per row).
@@ -56,6 +58,7 @@ class TransferJob:
   target_tokenizer: str = "qwen3"
   data: str = "default"
   heldout_data: str = "default:heldout"
+  extra_heldout: tuple[tuple[str, str], ...] = ()
   eval_batches: int = 4
   eval_batch_size: int = 4
   pack: bool = False
@@ -217,6 +220,7 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   student_tok = load_tokenizer(job.target_tokenizer)
   train_src = open_source(job.data)
   heldout_src = open_source(job.heldout_data)
+  extra_srcs = {label: open_source(spec) for label, spec in job.extra_heldout}
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   teacher, teacher_tok = load_model(job.model, dtype=dtype)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
@@ -234,12 +238,18 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
                    align_fn=align_fn)
   heldout = take_batches(Pipeline(heldout_src, teacher_tok, student_tok,
                                   _pipeline_config(cfg, job, eval_=True)), job.eval_batches)
+  extra_eval = {label: take_batches(Pipeline(src, teacher_tok, student_tok,
+                                             _pipeline_config(cfg, job, eval_=True)),
+                                    job.eval_batches)
+                for label, src in extra_srcs.items()}
   extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
            "heldout_rows": len(heldout) * job.eval_batch_size}
+  for label, spec in job.extra_heldout:
+    extra[f"heldout@{label}"] = spec
   if command:
     extra["command"] = command
   trainer = Trainer(model, teacher_tok, student_tok, cfg, train, heldout, opts,
-                    fingerprint_extra=fingerprint, summary_extra=extra)
+                    extra_eval=extra_eval, fingerprint_extra=fingerprint, summary_extra=extra)
   try:
     summary = trainer.fit()
   finally:
@@ -254,13 +264,17 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
 
 def format_summary(summary: dict[str, Any]) -> str:
   """A short human-readable result block for the end of a run."""
-  keys = ("method", "steps", "seed", "teacher_bpb", "init_student_bpb", "final_student_bpb",
-          "gap_closed", "total_wall_s", "export_dir")
+  keys = ["method", "steps", "seed", "teacher_bpb", "init_student_bpb", "final_student_bpb",
+          "gap_closed"]
+  for label in sorted({k.split("@", 1)[1] for k in summary if "@" in k and
+                       k.startswith("gap_closed")}):
+    keys += [f"{k}@{label}" for k in keys[3:7]]
+  keys += ["total_wall_s", "export_dir"]
   lines = []
   for k in keys:
     if k in summary:
       v = summary[k]
-      lines.append(f"  {k:18s} {v:.4f}" if isinstance(v, float) else f"  {k:18s} {v}")
+      lines.append(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
   return "\n".join(lines)
 
 
