@@ -32,6 +32,9 @@ def test_mistyped_flag_lists_the_valid_values(tmp_path):
   r = _binary("--batch_size=3", "--grad_accum=2", f"--out_dir={tmp_path / 'out'}")
   assert r.returncode != 0 and "batch_size=3 must be a multiple of grad_accum=2" in r.stderr
   assert not (tmp_path / "out").exists()
+  r = _binary("--extra_heldout=prose.jsonl", f"--out_dir={tmp_path / 'out'}")
+  assert r.returncode != 0 and "write LABEL=SPEC" in r.stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_lossy_target_tokenizer_is_rejected_before_any_work(tmp_path):
