@@ -7,8 +7,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import losses_reference as ref
+import mined_reference
 from alm.losses import baselines
 
 
@@ -38,6 +40,66 @@ def test_mined_map_matches_brute_force_and_is_saved(tmp_path):
   np.testing.assert_array_equal(m1, got)
   m2 = baselines.load_or_compute_mined_map(path, student[:5], teacher)
   np.testing.assert_array_equal(m2, got[:5])  # other pair: recomputed
+
+
+def _brute_force_map(student, teacher):
+  """Smallest teacher id of minimal Levenshtein distance, per student token."""
+  return np.array([int(np.argmin([levenshtein(s, t) for t in teacher]))
+                   for s in student], np.int32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mined_map_matches_brute_force_with_ties_and_raw_bytes(seed, monkeypatch):
+  rng = np.random.default_rng(seed)
+  def rand_tokens(n, alphabet, max_len):
+    return [bytes(rng.choice(alphabet, size=rng.integers(0, max_len + 1)).astype(np.uint8))
+            for _ in range(n)]
+  small = np.array(list(b"ab"))            # tiny alphabet: many equal distances
+  raw = np.array([0, 0x7f, 0x80, 0xc3, 0xff])  # NUL and bytes that are not UTF-8
+  teacher = (rand_tokens(40, small, 4) + rand_tokens(20, raw, 3)
+             + [bytes([b]) for b in rng.choice(256, 10)]      # 1-byte tokens
+             + rand_tokens(3, np.arange(256), 90))           # longer than 64 bytes
+  teacher += [teacher[3], teacher[41]]    # duplicates: the first id must win
+  student = (rand_tokens(40, small, 5) + rand_tokens(20, raw, 4) + [b""]
+             + [bytes([b]) for b in rng.choice(256, 10)]
+             + rand_tokens(3, np.arange(256), 100) + [teacher[-3] + b"x"])
+  want = _brute_force_map(student, teacher)
+  dists = np.array([[levenshtein(s, t) for t in teacher] for s in student])
+  assert ((dists == dists.min(1, keepdims=True)).sum(1) > 1).sum() > 10  # ties
+  np.testing.assert_array_equal(baselines.mined_vocab_map(student, teacher), want)
+  np.testing.assert_array_equal(mined_reference.mined_vocab_map_python(student, teacher),
+                                want)
+  # Many small chunks of student tokens give the same map.
+  monkeypatch.setattr(baselines, "_MINED_CHUNK_BYTES", 4 * len(teacher) * 7)
+  np.testing.assert_array_equal(baselines.mined_vocab_map(student, teacher), want)
+  # Without an empty teacher token, b"" goes to the first shortest one.
+  assert baselines.mined_vocab_map([b""], [b"ab", b"c", b"d"]).tolist() == [1]
+
+
+def test_mined_map_needs_teacher_tokens():
+  with pytest.raises(ValueError, match="at least one teacher token"):
+    baselines.mined_vocab_map([b"a"], [])
+
+
+@pytest.mark.slow
+def test_mined_map_matches_python_reference_on_real_tokens():
+  import alm  # pylint: disable=import-outside-toplevel
+  from alm import assets  # pylint: disable=import-outside-toplevel
+  names = ("qwen3", "smollm2-135m-instruct")
+  if not all(assets.is_installed(n) for n in names):
+    pytest.skip("qwen3/smollm2 tokenizers not installed")
+  qwen = list(alm.load_tokenizer("qwen3").token_bytes)
+  smol = list(alm.load_tokenizer("smollm2-135m-instruct").token_bytes)
+  rng = np.random.default_rng(0)
+  # SmolLM2 -> Qwen3 transfer: Qwen3 ids are the student, SmolLM2 the teacher.
+  student = [qwen[i] for i in rng.choice(len(qwen), 300, replace=False)]
+  np.testing.assert_array_equal(baselines.mined_vocab_map(student, smol),
+                                mined_reference.mined_vocab_map_python(student, smol))
+  # The other direction, against a sample of Qwen3 tokens as the teacher.
+  student = [smol[i] for i in rng.choice(len(smol), 200, replace=False)]
+  teacher = [qwen[i] for i in np.sort(rng.choice(len(qwen), 5000, replace=False))]
+  np.testing.assert_array_equal(baselines.mined_vocab_map(student, teacher),
+                                mined_reference.mined_vocab_map_python(student, teacher))
 
 
 def test_uld_matches_reference():
