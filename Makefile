@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Tokenizer transfer SmolLM2-135M -> Qwen3 tokenizer by ALM on the offline
+# corpus; ends with held-out bits per byte (teacher, FVT init, ALM student).
+# A finished run is not redone: `rm -rf runs/demo` to start over.
 demo: $(STAMP)
-	$(VPY) -m experiments.generate
+	$(VPY) -m experiments.transfer_tokenizer --out_dir=runs/demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
