@@ -162,3 +162,27 @@ def test_gradient_accumulation_equals_one_big_batch(data):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
   # ... and training moved the parameters (the comparison is not vacuous).
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
+
+
+def test_debiasing_uses_one_boundary_byte_set_for_both_sides():
+  from alm.testing.tokenizers import GreedyTokenizer  # pylint: disable=import-outside-toplevel
+  student = tu.student_tokenizer()  # bytes: space, tab, newline, CR are boundaries
+  teacher = GreedyTokenizer(["a\n", "b\r", "cd", " e"])  # newline / CR inside tokens
+  assert {10, 13} <= set(student.boundary_bytes)
+  assert 10 not in teacher.boundary_bytes and 13 not in teacher.boundary_bytes
+  shared = teacher.boundary_bytes & student.boundary_bytes
+  assert shared == {9, 32}
+  c = step_lib.make_consts(TrainConfig(), teacher, student)
+  for tok, key in ((teacher, "teacher_boundary"), (student, "student_boundary")):
+    np.testing.assert_array_equal(c[key], tok.boundary_token_mask(shared))
+  # The student's own mask would count a following newline; the shared one does not.
+  own = student.boundary_token_mask()
+  assert own.sum() > c["student_boundary"].sum()
+  nl = student.encode("\n").ids[-1]
+  assert own[nl] and not c["student_boundary"][nl]
+  # No shared boundary byte: debiasing is undefined and says how to go on.
+  no_ws = GreedyTokenizer(["a ", "a\t", "a\n", "a\r"])
+  assert not (no_ws.boundary_bytes & student.boundary_bytes)
+  with pytest.raises(ValueError, match="--nodebias"):
+    step_lib.make_consts(TrainConfig(), no_ws, student)
+  step_lib.make_consts(TrainConfig(debias=False), no_ws, student)  # nothing to share: fine

@@ -94,7 +94,10 @@ class Side:
       `alm.align`; chunk c is the same chunk on both sides of a row.
     loss_mask: optional bool [B, T]; chunks with a token outside it are not
       trained on.
-    boundary_mask: optional bool [V], `tokenizer.boundary_token_mask()`;
+    boundary_mask: optional bool [V], `tokenizer.boundary_token_mask(b)` with
+      one boundary-byte set `b` for both sides,
+      `alm.tokenization.vocab.shared_boundary_bytes(teacher_tok,
+      student_tok)` (else the debiasing events differ between the sides);
       needed for debiasing and the "space"/"boundary_prob" constraints.
   """
 
@@ -248,7 +251,8 @@ def _validate(config, teacher, student, chunk_bias):
       raise ValueError(
           f"{name}.boundary_mask is required with debias={config.debias}, "
           f"constraint={config.constraint!r}: pass "
-          f"tokenizer.boundary_token_mask(), or set debias=False")
+          f"tokenizer.boundary_token_mask(shared_boundary_bytes(teacher_tok, student_tok)), "
+          f"or set debias=False")
   if teacher.ids.shape[0] != student.ids.shape[0]:
     raise ValueError(f"teacher and student batch sizes differ: "
                      f"{teacher.ids.shape[0]} vs {student.ids.shape[0]}")

@@ -231,18 +231,29 @@ class VocabTokenizer(ByteTokenizer):
     """Pretoken-boundary bytes computed from the vocabulary (see `compute_boundary_bytes`)."""
     return compute_boundary_bytes(self._token_bytes, self._special_ids)
 
-  def boundary_token_mask(self) -> np.ndarray:
-    """bool [vocab_size]: ids whose first byte is a boundary byte, or EOS."""
-    return self._boundary_token_mask.copy()
+  def boundary_token_mask(self, boundary_bytes: Iterable[int] | None = None) -> np.ndarray:
+    """bool [vocab_size]: ids whose first byte is a boundary byte, or EOS.
 
-  @functools.cached_property
-  def _boundary_token_mask(self) -> np.ndarray:
+    Args:
+      boundary_bytes: the boundary bytes to use (default: this vocabulary's
+        own `boundary_bytes`). A teacher/student pair must use one shared set
+        for outcome debiasing; see `shared_boundary_bytes`.
+    """
+    if boundary_bytes is None:
+      return self._boundary_token_mask.copy()
+    return self._mask_for(frozenset(boundary_bytes))
+
+  def _mask_for(self, boundary_bytes: frozenset[int]) -> np.ndarray:
     table = np.zeros(257, bool)  # index 256 <- first_byte == -1
-    table[list(self.boundary_bytes)] = True
+    table[list(boundary_bytes)] = True
     m = table[self.first_byte.astype(np.int32) % 257]
     if self._eos_id is not None:
       m[self._eos_id] = True
     return m
+
+  @functools.cached_property
+  def _boundary_token_mask(self) -> np.ndarray:
+    return self._mask_for(self.boundary_bytes)
 
   @functools.cached_property
   def single_bytes(self) -> frozenset[int]:
@@ -368,3 +379,29 @@ class VocabTokenizer(ByteTokenizer):
   def save_pretrained(self, directory) -> None:
     """Writes the tokenizer file(s) of an HF-format directory."""
     raise NotImplementedError
+
+
+def shared_boundary_bytes(teacher: ByteTokenizer, student: ByteTokenizer) -> frozenset[int]:
+  """The pretoken-boundary bytes of a tokenizer pair: those of both vocabularies.
+
+  Outcome debiasing (SPEC section 3) compares the teacher's and the student's
+  probability of "this chunk, then a token starting with a boundary byte".
+  The two are probabilities of the same event only when "boundary byte" is
+  one set on both sides: with SmolLM2 (space, tab, newline, CR) and Qwen3
+  (space, tab) the teacher's side would also count a following newline and
+  the student's would not, biasing every chunk before a line break. The
+  intersection is the set for which neither tokenizer can put the byte
+  inside a token after its first byte, so on both sides the next token starts
+  with such a byte exactly when the next text byte is one.
+
+  Raises:
+    ValueError: the two vocabularies share no boundary byte (debiasing is not
+      defined; train with debias=False).
+  """
+  shared = frozenset(teacher.boundary_bytes) & frozenset(student.boundary_bytes)
+  if not shared:
+    raise ValueError(
+        f"The teacher's boundary bytes {sorted(teacher.boundary_bytes)} and the student's "
+        f"{sorted(student.boundary_bytes)} have none in common, so outcome-chunk debiasing "
+        "has no shared event; train with debias=False (--nodebias).")
+  return shared

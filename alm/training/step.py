@@ -60,6 +60,7 @@ from alm.losses import chunks as chunks_lib
 from alm.losses import dskd as dskd_lib
 from alm.losses.reduce import LossSum
 from alm.models import sharding as sharding_lib
+from alm.tokenization.vocab import shared_boundary_bytes
 from alm.training.config import TrainConfig
 from alm.training.model import TransferModel, trainable_filter
 
@@ -137,12 +138,18 @@ def make_consts(cfg: TrainConfig, teacher_tok, student_tok) -> dict[str, np.ndar
     student_tok: the student tokenizer.
 
   Returns:
-    {"teacher_boundary", "student_boundary": bool [V]} and, for "mined",
+    {"teacher_boundary", "student_boundary": bool [V]} (ids starting with a
+    boundary byte shared by both vocabularies, or EOS) and, for "mined",
     "mined_map": int32 [V_S] (computed once per tokenizer pair, then read
     from the cache; see `alm.training.model.cached_mined_map`).
   """
-  consts = {"teacher_boundary": np.asarray(teacher_tok.boundary_token_mask(), bool),
-            "student_boundary": np.asarray(student_tok.boundary_token_mask(), bool)}
+  # One set of boundary bytes for both sides: the debiasing event must be the
+  # same on the two sides (see `shared_boundary_bytes`).
+  shared = (shared_boundary_bytes(teacher_tok, student_tok)
+            if uses_alm(cfg) and (cfg.debias or cfg.constraint == "boundary_prob")
+            else None)
+  consts = {"teacher_boundary": np.asarray(teacher_tok.boundary_token_mask(shared), bool),
+            "student_boundary": np.asarray(student_tok.boundary_token_mask(shared), bool)}
   if cfg.method == "mined":
     from alm.training.model import cached_mined_map  # pylint: disable=import-outside-toplevel
     consts["mined_map"] = cached_mined_map(teacher_tok, student_tok)
