@@ -59,7 +59,7 @@ class MetricsLogger:
     if self._tb is not None:
       for k, v in rec.items():
         if k not in ("step", "kind", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(f"{kind}/{k}", v, step)
+          self._tb.add_scalar(f"{kind}/{k}".replace("@", "_at_"), v, step)  # "@" is no TB tag char
     if self._bar is not None:
       if kind == "train":
         self._bar.update(max(int(step) - self._bar.n, 0))
