@@ -55,10 +55,10 @@ def run_one(method: str, out_dir: Path, passthrough: Sequence[str], rerun: bool)
   return json.loads(summary_path.read_text())
 
 
-def _eval_history(out_dir: Path) -> list[tuple[int, float]]:
+def _eval_history(out_dir: Path, sfx: str = "") -> list[tuple[int, float]]:
   from alm.training.metrics import read_history  # pylint: disable=import-outside-toplevel
-  return [(r["step"], r["student_bpb"]) for r in read_history(out_dir)
-          if r["kind"] == "eval" and "student_bpb" in r]
+  key = f"student_bpb{sfx}"
+  return [(r["step"], r[key]) for r in read_history(out_dir) if r["kind"] == "eval" and key in r]
 
 
 def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Path:
@@ -92,7 +92,8 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
            f"({first.get('heldout_rows', '?')} rows per held-out set)."]
   for label in labels:
     sfx = f"@{label}" if label else ""
-    name = f"`{first.get('heldout' + sfx, label)}`" if label else "the main held-out set"
+    name = (f"{label} (`{first.get('heldout' + sfx, label)}`)" if label else
+            f"main (`{first.get('heldout', 'default:heldout')}`)")
     lines += ["", f"Held-out set: {name}", "",
               "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
     rows = [("teacher (own tokenizer)", first[f"teacher_bpb{sfx}"], None),
@@ -101,13 +102,13 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
              for m, s in summaries.items()]
     for row, bpb, gap in rows:
       lines.append(f"| {row} | {bpb:.4f} | {'—' if gap is None else f'{100 * gap:.0f} %'} |")
-  best = min(summaries, key=lambda m: summaries[m]["final_student_bpb"])
-  lines += ["", f"Best on the main held-out set: **{best}** (the teacher: {teacher:.4f}).", "",
-            "![held-out bits per byte](comparison.png)", ""]
+    best = min(summaries, key=lambda m, sfx=sfx: summaries[m][f"final_student_bpb{sfx}"])
+    lines += ["", f"Closest to the teacher here: **{best}**."]
+  lines += ["", "![held-out bits per byte](comparison.png)", ""]
   for m, s in summaries.items():
     if "command" in s:
       lines.append(f"- {m}: `{s['command']}`")
-  _plot(out_dir, summaries, teacher)
+  _plot(out_dir, summaries, labels)
   md = out_dir / "comparison.md"
   md.write_text("\n".join(lines) + "\n")
   (out_dir / "comparison.json").write_text(json.dumps(
@@ -118,19 +119,24 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
   return md
 
 
-def _plot(out_dir: Path, summaries: dict[str, dict[str, Any]], teacher: float) -> None:
+def _plot(out_dir: Path, summaries: dict[str, dict[str, Any]], labels: list[str]) -> None:
+  """One panel per held-out set: each student's bits per byte against steps."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for m in summaries:
-    pts = _eval_history(out_dir / m)
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{m} student")
-  ax.axhline(teacher, color="k", ls="--", label="teacher")
-  ax.set_xlabel("step")
-  ax.set_ylabel("held-out bits per byte")
-  ax.legend()
+  first = next(iter(summaries.values()))
+  fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
+  for ax, label in zip(axes[0], labels):
+    sfx = f"@{label}" if label else ""
+    for m in summaries:
+      pts = _eval_history(out_dir / m, sfx)
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{m} student")
+    ax.axhline(first[f"teacher_bpb{sfx}"], color="k", ls="--", label="teacher")
+    ax.set_title(f"held-out: {label or 'main'}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out_dir / "comparison.png", dpi=100)
   plt.close(fig)

@@ -37,7 +37,7 @@ def test_comparison_table_and_plot(tmp_path):
   assert "| FVT-initialised student | 1.7500 | 0 % |" in md
   assert "| alm student | 1.3750 | 75 % |" in md
   assert "| sft student | 1.5000 | 50 % |" in md
-  assert "Best on the main held-out set: **alm**" in md and "--method=sft" in md
+  assert "Closest to the teacher here: **alm**" in md and "--method=sft" in md
   assert (tmp_path / "comparison.png").stat().st_size > 1000
   js = json.loads((tmp_path / "comparison.json").read_text())
   assert js["methods"]["sft"]["final_student_bpb"] == 1.5
@@ -81,7 +81,8 @@ def test_extra_heldout_sets_get_their_own_table(tmp_path):
                  "final_student_bpb@prose": ood, "gap_closed@prose": (3.0 - ood) / 1.5,
                  "heldout@prose": "prose.jsonl"})
   md = compare_methods.write_comparison(tmp_path, s).read_text()
-  assert "Held-out set: `prose.jsonl`" in md
+  assert "Held-out set: prose (`prose.jsonl`)" in md
+  assert md.count("Closest to the teacher here: **alm**") == 2
   assert "| alm student | 2.0000 | 67 % |" in md and "| sft student | 2.5000 | 33 % |" in md
   s["sft"]["init_student_bpb@prose"] = 2.9
   with pytest.raises(ValueError, match="held-out set @prose"):

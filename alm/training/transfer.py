@@ -243,7 +243,7 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
                                     job.eval_batches)
                 for label, src in extra_srcs.items()}
   extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
-           "heldout_rows": len(heldout) * job.eval_batch_size}
+           "heldout": job.heldout_data, "heldout_rows": len(heldout) * job.eval_batch_size}
   for label, spec in job.extra_heldout:
     extra[f"heldout@{label}"] = spec
   if command:

@@ -1,0 +1,66 @@
+"""experiments/make_heldout.py: teacher-sampled and arithmetic held-out sets."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from alm.data.sources import JsonlSource
+from alm.testing.models import tiny_model
+from alm.testing.tokenizers import tiny_tokenizer
+from experiments import make_heldout
+
+
+def test_arithmetic_lines_are_true_and_deterministic():
+  texts = make_heldout.arithmetic_texts(20, 5, seed=3)
+  assert texts == make_heldout.arithmetic_texts(20, 5, seed=3)
+  assert texts != make_heldout.arithmetic_texts(20, 5, seed=4)
+  for t in texts:
+    lines = t.split("\n")
+    assert len(lines) == 5
+    for line in lines:
+      m = re.fullmatch(r"(\d+) ([+*]) (\d+) = (\d+)", line)
+      assert m, line
+      a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+      assert (a + b if op == "+" else a * b) == c
+
+
+def test_cut_at_special():
+  assert make_heldout.cut_at_special([5, 6, 2, 7], {2}) == [5, 6]
+  assert make_heldout.cut_at_special(np.array([5, 6]), {2}) == [5, 6]
+  assert make_heldout.cut_at_special([2, 5], {2}) == []
+
+
+def test_teacher_samples_are_deterministic_text_without_specials():
+  tok = tiny_tokenizer()
+  model = tiny_model("llama", tok.vocab_size, seed=1)
+  kw = dict(num=5, max_new_tokens=24, batch_size=4, temperature=1.0, min_chars=1)
+  a = make_heldout.teacher_samples(model, tok, seed=0, **kw)
+  assert len(a) == 5
+  assert a == make_heldout.teacher_samples(model, tok, seed=0, **kw)
+  assert a != make_heldout.teacher_samples(model, tok, seed=1, **kw)
+  for t in a:
+    assert t.strip()
+    assert "<bos>" not in t and "<eos>" not in t
+
+
+def test_teacher_samples_unreachable_min_chars_is_a_clear_error():
+  tok = tiny_tokenizer()
+  model = tiny_model("llama", tok.vocab_size, seed=1)
+  with pytest.raises(ValueError, match="min_chars"):
+    make_heldout.teacher_samples(model, tok, num=2, max_new_tokens=8, batch_size=2,
+                                 temperature=1.0, min_chars=10_000, seed=0)
+
+
+def test_written_file_is_a_valid_heldout_source(tmp_path):
+  path = tmp_path / "sub" / "arith.jsonl"
+  texts = make_heldout.arithmetic_texts(4, 2, seed=0)
+  make_heldout.write_jsonl(path, texts, "arithmetic-seed0")
+  lines = path.read_text(encoding="utf-8").splitlines()
+  assert [json.loads(l)["text"] for l in lines] == texts
+  src = JsonlSource([path])
+  assert [src[i]["text"] for i in range(len(src))] == texts
+  assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
