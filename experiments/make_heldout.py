@@ -20,19 +20,21 @@ measure that:
       --extra_heldout=teacher=heldout/teacher.jsonl --extra_heldout=arith=heldout/arith.jsonl
 
 Output: JSONL, one `{"text": ..., "origin": ...}` per line, written atomically.
+`experiments.transfer_tokenizer --teacher_samples=N` builds (and caches) the
+teacher-sampled set by itself; this binary is for other sizes, other models,
+or the arithmetic set.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from absl import app, flags
+
+from alm.eval.teacher_samples import sample_texts, write_jsonl
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kind", "teacher_samples", ["teacher_samples", "arithmetic"],
@@ -69,60 +71,10 @@ def arithmetic_texts(num: int, lines_per_text: int, seed: int) -> list[str]:
   return texts
 
 
-def cut_at_special(ids, special_ids) -> list[int]:
-  """The ids before the first special token (EOS, chat marker): the sampled text."""
-  out = []
-  for i in ids:
-    if int(i) in special_ids:
-      break
-    out.append(int(i))
-  return out
-
-
-def teacher_samples(model, tok, num: int, max_new_tokens: int, batch_size: int,
-                    temperature: float, min_chars: int, seed: int) -> list[str]:
-  """`num` texts sampled from `model` from BOS (each cut at its first special token)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from alm.models.generate import SamplingConfig, generate  # pylint: disable=import-outside-toplevel
-
-  start = tok.bos_id if tok.bos_id is not None else tok.eos_id
-  if start is None:
-    raise ValueError("The tokenizer has neither BOS nor EOS to start sampling from.")
-  texts: list[str] = []
-  t0, rounds = time.perf_counter(), 0
-  while len(texts) < num:
-    if rounds >= 4 * (num // batch_size + 1):
-      raise ValueError(f"Only {len(texts)} of {num} samples reached {min_chars} characters "
-                       f"after {rounds} rounds; lower --min_chars or raise --max_new_tokens.")
-    out = generate(model, np.full((batch_size, 1), start, np.int32),
-                   max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature),
-                   seed=seed * 1_000_003 + rounds, eos_id=tok.eos_id)
-    rounds += 1
-    for r in range(batch_size):
-      text = tok.decode(cut_at_special(out.tokens[r, :int(out.lengths[r])], tok.special_ids))
-      if len(text.strip()) >= min_chars and len(texts) < num:
-        texts.append(text)
-    print(f"sampled {len(texts)}/{num} texts ({time.perf_counter() - t0:.0f}s)", flush=True)
-  return texts
-
-
-def write_jsonl(path: Path, texts: list[str], origin: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for i, t in enumerate(texts):
-        f.write(json.dumps({"text": t, "origin": f"{origin}:{i}"}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
   out = Path(FLAGS.out)
   if FLAGS.kind == "arithmetic":
     texts = arithmetic_texts(FLAGS.num, FLAGS.lines_per_text, FLAGS.seed)
@@ -131,8 +83,9 @@ def main(argv):
     import alm  # pylint: disable=import-outside-toplevel
     try:
       model, tok = alm.load_model(FLAGS.model)
-      texts = teacher_samples(model, tok, FLAGS.num, FLAGS.max_new_tokens, FLAGS.batch_size,
-                              FLAGS.temperature, FLAGS.min_chars, FLAGS.seed)
+      texts = sample_texts(model, tok, num=FLAGS.num, max_new_tokens=FLAGS.max_new_tokens,
+                           batch_size=FLAGS.batch_size, temperature=FLAGS.temperature,
+                           min_chars=FLAGS.min_chars, seed=FLAGS.seed)
     except (ValueError, FileNotFoundError) as e:
       # Bad input: the message names the problem and the fix; a traceback adds nothing.
       print(f"error: {e}", file=sys.stderr)

@@ -57,6 +57,12 @@ flags.DEFINE_string("heldout_data", "default:heldout", "Held-out documents for b
 flags.DEFINE_multi_string("extra_heldout", [], "More held-out sets as LABEL=SPEC (repeatable), "
                           "e.g. text of another domain than --data; reported as "
                           "<key>@LABEL.")
+flags.DEFINE_integer("teacher_samples", 32, "Also report bits per byte on this many texts "
+                     "sampled from the teacher (held-out label 'teacher'; sampled once, then "
+                     "cached): the gap there measures how far the student is from behaving like "
+                     "the teacher, not domain fit. 0: off.", lower_bound=0)
+flags.DEFINE_integer("teacher_sample_tokens", 128, "Tokens per teacher-sampled text.",
+                     lower_bound=8)
 flags.DEFINE_integer("eval_batches", 4, "Held-out batches (fixed: the first in file order).")
 flags.DEFINE_integer("eval_batch_size", 4, "Rows per held-out batch.")
 flags.DEFINE_bool("pack", False, "Pack several documents per row (else one per row, padded).")
@@ -154,6 +160,9 @@ def main(argv):
     raise app.UsageError(str(e)) from None
 
   extra_heldout = _extra_heldout(FLAGS.extra_heldout)
+  if FLAGS.teacher_samples and "teacher" in dict(extra_heldout):
+    raise app.UsageError("--extra_heldout: the label 'teacher' is taken by --teacher_samples "
+                         "(rename the set, or pass --teacher_samples=0).")
 
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.distributed:
@@ -173,7 +182,9 @@ def main(argv):
                     extra_heldout=extra_heldout, eval_batches=FLAGS.eval_batches,
                     eval_batch_size=FLAGS.eval_batch_size, pack=FLAGS.pack,
                     num_workers=FLAGS.num_workers, export_dir=export,
-                    bias_tables=FLAGS.bias_tables or "")
+                    bias_tables=FLAGS.bias_tables or "",
+                    teacher_samples=FLAGS.teacher_samples,
+                    teacher_sample_tokens=FLAGS.teacher_sample_tokens)
   opts = RunOptions(out_dir=FLAGS.out_dir, checkpoint_dir=FLAGS.checkpoint_dir,
                     checkpoint_every=FLAGS.checkpoint_every,
                     keep_checkpoints=FLAGS.keep_checkpoints, resume=FLAGS.resume,

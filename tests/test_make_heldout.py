@@ -1,4 +1,4 @@
-"""experiments/make_heldout.py: teacher-sampled and arithmetic held-out sets."""
+"""Held-out sets: texts sampled from the teacher (alm.eval.teacher_samples), arithmetic."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from alm.data.sources import JsonlSource
 from alm.testing.models import tiny_model
 from alm.testing.tokenizers import tiny_tokenizer
+from alm.eval import teacher_samples
 from experiments import make_heldout
 
 
@@ -29,19 +30,19 @@ def test_arithmetic_lines_are_true_and_deterministic():
 
 
 def test_cut_at_special():
-  assert make_heldout.cut_at_special([5, 6, 2, 7], {2}) == [5, 6]
-  assert make_heldout.cut_at_special(np.array([5, 6]), {2}) == [5, 6]
-  assert make_heldout.cut_at_special([2, 5], {2}) == []
+  assert teacher_samples.cut_at_special([5, 6, 2, 7], {2}) == [5, 6]
+  assert teacher_samples.cut_at_special(np.array([5, 6]), {2}) == [5, 6]
+  assert teacher_samples.cut_at_special([2, 5], {2}) == []
 
 
 def test_teacher_samples_are_deterministic_text_without_specials():
   tok = tiny_tokenizer()
   model = tiny_model("llama", tok.vocab_size, seed=1)
   kw = dict(num=5, max_new_tokens=24, batch_size=4, temperature=1.0, min_chars=1)
-  a = make_heldout.teacher_samples(model, tok, seed=0, **kw)
+  a = teacher_samples.sample_texts(model, tok, seed=0, **kw)
   assert len(a) == 5
-  assert a == make_heldout.teacher_samples(model, tok, seed=0, **kw)
-  assert a != make_heldout.teacher_samples(model, tok, seed=1, **kw)
+  assert a == teacher_samples.sample_texts(model, tok, seed=0, **kw)
+  assert a != teacher_samples.sample_texts(model, tok, seed=1, **kw)
   for t in a:
     assert t.strip()
     assert "<bos>" not in t and "<eos>" not in t
@@ -51,16 +52,33 @@ def test_teacher_samples_unreachable_min_chars_is_a_clear_error():
   tok = tiny_tokenizer()
   model = tiny_model("llama", tok.vocab_size, seed=1)
   with pytest.raises(ValueError, match="min_chars"):
-    make_heldout.teacher_samples(model, tok, num=2, max_new_tokens=8, batch_size=2,
+    teacher_samples.sample_texts(model, tok, num=2, max_new_tokens=8, batch_size=2,
                                  temperature=1.0, min_chars=10_000, seed=0)
 
 
 def test_written_file_is_a_valid_heldout_source(tmp_path):
   path = tmp_path / "sub" / "arith.jsonl"
   texts = make_heldout.arithmetic_texts(4, 2, seed=0)
-  make_heldout.write_jsonl(path, texts, "arithmetic-seed0")
+  teacher_samples.write_jsonl(path, texts, "arithmetic-seed0")
   lines = path.read_text(encoding="utf-8").splitlines()
   assert [json.loads(l)["text"] for l in lines] == texts
   src = JsonlSource([path])
   assert [src[i]["text"] for i in range(len(src))] == texts
   assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_teacher_samples_file_is_cached_and_keyed_by_settings(tmp_path, monkeypatch):
+  tok = tiny_tokenizer()
+  model = tiny_model("llama", tok.vocab_size, seed=1)
+  kw = dict(num=3, max_new_tokens=16, cache_dir=tmp_path)
+  monkeypatch.setattr(teacher_samples, "sample_texts",
+                      lambda *a, **k: ["sampled text number one!"] * k["num"])
+  p = teacher_samples.teacher_samples_file("tiny", model, tok, **kw)
+  assert len(p.read_text().splitlines()) == 3
+  calls = []
+  monkeypatch.setattr(teacher_samples, "sample_texts", lambda *a, **k: calls.append(1) or [])
+  assert teacher_samples.teacher_samples_file("tiny", model, tok, **kw) == p  # from the cache
+  assert not calls
+  monkeypatch.setattr(teacher_samples, "sample_texts", lambda *a, **k: ["other"] * k["num"])
+  q = teacher_samples.teacher_samples_file("tiny", model, tok, **{**kw, "seed": 1})
+  assert q != p and q.read_text().count("other") == 3

@@ -35,6 +35,9 @@ def test_mistyped_flag_lists_the_valid_values(tmp_path):
   r = _binary("--extra_heldout=prose.jsonl", f"--out_dir={tmp_path / 'out'}")
   assert r.returncode != 0 and "write LABEL=SPEC" in r.stderr
   assert not (tmp_path / "out").exists()
+  r = _binary("--extra_heldout=teacher=t.jsonl", f"--out_dir={tmp_path / 'out'}")
+  assert r.returncode != 0 and "'teacher' is taken by --teacher_samples" in r.stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_lossy_target_tokenizer_is_rejected_before_any_work(tmp_path):
@@ -67,6 +70,14 @@ def test_empty_lines_are_skipped_and_empty_files_rejected(tmp_path):
   empty.write_text("\n\n  \n")
   with pytest.raises(DataError, match="no documents"):
     open_source(str(empty))
+
+
+def test_teacher_samples_options_are_checked():
+  with pytest.raises(ValueError, match="label 'teacher' is taken"):
+    TransferJob(teacher_samples=8, extra_heldout=(("teacher", "t.jsonl"),))
+  with pytest.raises(ValueError, match="teacher_samples must be >= 0"):
+    TransferJob(teacher_samples=-1)
+  TransferJob(teacher_samples=0, extra_heldout=(("teacher", "t.jsonl"),))  # off: label is free
 
 
 def test_lossy_tokenizer_error_type():

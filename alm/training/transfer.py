@@ -30,6 +30,10 @@ from alm.training.config import TrainConfig
 from alm.training.trainer import RunOptions, Trainer, take_batches
 
 
+# Label of the teacher-sampled held-out set (`TransferJob.teacher_samples`).
+TEACHER_LABEL = "teacher"
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferJob:
   """What to transfer, on which data.
@@ -52,6 +56,11 @@ class TransferJob:
     bias_tables: directory of tokenization-bias tables of this tokenizer pair
       (written by `python -m experiments.compute_bias_tables`); required by
       constraint "unbiased".
+    teacher_samples: also evaluate on this many texts sampled from the
+      teacher (label "teacher"; see `alm.eval.teacher_samples`: the gap there
+      is the student's divergence from the teacher, not domain fit); 0: off.
+      Sampled once, then read from the cache.
+    teacher_sample_tokens: tokens sampled per teacher text.
   """
 
   model: str = "smollm2-135m-instruct"
@@ -65,6 +74,16 @@ class TransferJob:
   num_workers: int = 0
   export_dir: str = ""
   bias_tables: str = ""
+  teacher_samples: int = 0
+  teacher_sample_tokens: int = 128
+
+  def __post_init__(self):
+    if self.teacher_samples < 0 or self.teacher_sample_tokens < 8:
+      raise ValueError(f"teacher_samples must be >= 0 and teacher_sample_tokens >= 8, got "
+                       f"{self.teacher_samples} and {self.teacher_sample_tokens}.")
+    if self.teacher_samples and TEACHER_LABEL in dict(self.extra_heldout):
+      raise ValueError(f"The held-out label {TEACHER_LABEL!r} is taken by teacher_samples; "
+                       "rename that extra held-out set.")
 
 
 class BiasTablesError(ValueError):
@@ -224,6 +243,15 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   teacher, teacher_tok = load_model(job.model, dtype=dtype)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
+  extra_specs = dict(job.extra_heldout)
+  if job.teacher_samples:
+    # Sampled before the student exists: the untouched teacher, its own distribution.
+    from alm.eval.teacher_samples import teacher_samples_file
+    path = teacher_samples_file(job.model, teacher, teacher_tok, num=job.teacher_samples,
+                                max_new_tokens=job.teacher_sample_tokens, seed=0)
+    extra_specs[TEACHER_LABEL] = str(path)
+    extra_srcs[TEACHER_LABEL] = open_source(str(path))
+    logging.info("Teacher-sampled held-out set: %s", path)
   fingerprint = {"model": job.model, "target_tokenizer": job.target_tokenizer,
                  "data": job.data, "pack": job.pack}
   align_fn = None
@@ -238,13 +266,17 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
                    align_fn=align_fn)
   heldout = take_batches(Pipeline(heldout_src, teacher_tok, student_tok,
                                   _pipeline_config(cfg, job, eval_=True)), job.eval_batches)
+  # The teacher-sampled set is scored whole; other sets like the main one.
+  n_batches = {label: job.eval_batches for label in extra_srcs}
+  if job.teacher_samples:
+    n_batches[TEACHER_LABEL] = -(-job.teacher_samples // job.eval_batch_size)
   extra_eval = {label: take_batches(Pipeline(src, teacher_tok, student_tok,
                                              _pipeline_config(cfg, job, eval_=True)),
-                                    job.eval_batches)
+                                    n_batches[label])
                 for label, src in extra_srcs.items()}
   extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
            "heldout": job.heldout_data, "heldout_rows": len(heldout) * job.eval_batch_size}
-  for label, spec in job.extra_heldout:
+  for label, spec in extra_specs.items():
     extra[f"heldout@{label}"] = spec
   if command:
     extra["command"] = command
