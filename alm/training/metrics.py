@@ -110,13 +110,17 @@ def _plot(history: Sequence[dict], path: Path, title: str) -> None:
   ax1.set_ylabel("training loss")
   ax1.set_yscale("log")
   ax1.legend()
-  for k, style in (("student_bpb", "o-"), ("teacher_bpb", "--")):
-    pts = [(r["step"], r[k]) for r in evals if k in r]
-    if pts:
-      ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, label=k)
+  # Every held-out set: the student (solid) and its teacher (dashed, same colour).
+  sfxs = [""] + sorted({k.split("@", 1)[1] for r in evals for k in r
+                        if k.startswith("student_bpb@")})
+  for i, sfx in enumerate(f"@{x}" if x else "" for x in sfxs):
+    for k, style in ((f"student_bpb{sfx}", "o-"), (f"teacher_bpb{sfx}", "--")):
+      pts = [(r["step"], r[k]) for r in evals if k in r]
+      if pts:
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i % 10}", label=k)
   ax2.set_xlabel("step")
   ax2.set_ylabel("held-out bits per byte")
-  ax2.legend()
+  ax2.legend(fontsize="small")
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -145,10 +149,17 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], *, title: str = "
     lines.append(f"| {k} | {shown} |")
   evals = [r for r in history if r["kind"] == "eval"]
   if evals:
-    lines += ["", "## Held-out bits per byte", "", "| step | teacher | student |", "|---|---|---|"]
+    # One teacher / student column pair per held-out set (main first, then `@label`s).
+    sfxs = [""] + sorted({k.split("@", 1)[1] for r in evals for k in r
+                          if k.startswith("student_bpb@")})
+    sfxs = [f"@{x}" if x else "" for x in sfxs]
+    head = " | ".join(f"teacher{s} | student{s}" for s in sfxs)
+    lines += ["", "## Held-out bits per byte", "", f"| step | {head} |",
+              "|---" * (1 + 2 * len(sfxs)) + "|"]
     for r in evals:
-      lines.append(f"| {r['step']} | {r.get('teacher_bpb', float('nan')):.4f} | "
-                   f"{r.get('student_bpb', float('nan')):.4f} |")
+      cells = " | ".join(f"{r.get(f'teacher_bpb{s}', float('nan')):.4f} | "
+                         f"{r.get(f'student_bpb{s}', float('nan')):.4f}" for s in sfxs)
+      lines.append(f"| {r['step']} | {cells} |")
   lines += ["", "![losses and held-out bits per byte](report.png)", ""]
   (out / "report.md").write_text("\n".join(lines))
   return out / "report.md"

@@ -1,0 +1,22 @@
+"""alm.training.metrics.write_report: the report's table and plot cover every held-out set."""
+
+from __future__ import annotations
+
+import json
+
+from alm.training.metrics import write_report
+
+
+def test_report_has_a_column_pair_per_heldout_set(tmp_path):
+  recs = [{"step": 0, "kind": "eval", "teacher_bpb": 1.25, "student_bpb": 1.75,
+           "teacher_bpb@teacher": 1.5, "student_bpb@teacher": 2.0},
+          {"step": 1, "kind": "train", "loss": 0.5},
+          {"step": 2, "kind": "eval", "teacher_bpb": 1.25, "student_bpb": 1.5,
+           "teacher_bpb@teacher": 1.5, "student_bpb@teacher": 1.875}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  md = write_report(tmp_path, {"method": "alm", "gap_closed": 0.5}).read_text()
+  assert "| step | teacher | student | teacher@teacher | student@teacher |" in md
+  assert "| 0 | 1.2500 | 1.7500 | 1.5000 | 2.0000 |" in md
+  assert "| 2 | 1.2500 | 1.5000 | 1.5000 | 1.8750 |" in md
+  assert "| gap_closed | 0.5000 |" in md
+  assert (tmp_path / "report.png").stat().st_size > 0
