@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from absl import app, flags
 
 from alm.training import config as config_lib
+from alm.training.metrics import heldout_suffixes
 
 FLAGS = flags.FLAGS
 
@@ -72,10 +73,10 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
     The path of comparison.md.
   """
   first = next(iter(summaries.values()))
-  labels = [""] + sorted({k.split("@", 1)[1] for k in first if k.startswith("gap_closed@")})
+  sfxs = heldout_suffixes(first, "gap_closed")
   for m, s in summaries.items():
     # Same model, data and held-out rows: the starting point must be identical.
-    for sfx in (f"@{l}" if l else "" for l in labels):
+    for sfx in sfxs:
       if (abs(s[f"teacher_bpb{sfx}"] - first[f"teacher_bpb{sfx}"]) > 1e-6 or
           abs(s[f"init_student_bpb{sfx}"] - first[f"init_student_bpb{sfx}"]) > 1e-6):
         raise ValueError(
@@ -90,9 +91,8 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
            f"data {first.get('data', '?')}, {'/'.join(map(str, sorted(steps)))} steps, seed "
            f"{first.get('seed', '?')}; held-out bits per byte "
            f"({first.get('heldout_rows', '?')} rows per held-out set)."]
-  for label in labels:
-    sfx = f"@{label}" if label else ""
-    name = (f"{label} (`{first.get('heldout' + sfx, label)}`)" if label else
+  for sfx in sfxs:
+    name = (f"{sfx[1:]} (`{first.get('heldout' + sfx, sfx[1:])}`)" if sfx else
             f"main (`{first.get('heldout', 'default:heldout')}`)")
     lines += ["", f"Held-out set: {name}", "",
               "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
@@ -108,7 +108,7 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
   for m, s in summaries.items():
     if "command" in s:
       lines.append(f"- {m}: `{s['command']}`")
-  _plot(out_dir, summaries, labels)
+  _plot(out_dir, summaries, sfxs)
   md = out_dir / "comparison.md"
   md.write_text("\n".join(lines) + "\n")
   (out_dir / "comparison.json").write_text(json.dumps(
@@ -119,21 +119,20 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
   return md
 
 
-def _plot(out_dir: Path, summaries: dict[str, dict[str, Any]], labels: list[str]) -> None:
+def _plot(out_dir: Path, summaries: dict[str, dict[str, Any]], sfxs: list[str]) -> None:
   """One panel per held-out set: each student's bits per byte against steps."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   first = next(iter(summaries.values()))
-  fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 4), squeeze=False)
-  for ax, label in zip(axes[0], labels):
-    sfx = f"@{label}" if label else ""
+  fig, axes = plt.subplots(1, len(sfxs), figsize=(5 * len(sfxs), 4), squeeze=False)
+  for ax, sfx in zip(axes[0], sfxs):
     for m in summaries:
       pts = _eval_history(out_dir / m, sfx)
       if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{m} student")
     ax.axhline(first[f"teacher_bpb{sfx}"], color="k", ls="--", label="teacher")
-    ax.set_title(f"held-out: {label or 'main'}")
+    ax.set_title(f"held-out: {sfx[1:] or 'main'}")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.legend()

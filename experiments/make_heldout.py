@@ -14,10 +14,13 @@ measure that:
   domain where the paper saw SFT forget most (digits tokenize differently
   across tokenizers).
 
-  python -m experiments.make_heldout --kind=teacher_samples --out=heldout/teacher.jsonl
+  python -m experiments.make_heldout --kind=teacher_samples --num=64 \
+      --max_new_tokens=256 --out=heldout/teacher64.jsonl
   python -m experiments.make_heldout --kind=arithmetic --out=heldout/arith.jsonl
-  python -m experiments.transfer_tokenizer \
-      --extra_heldout=teacher=heldout/teacher.jsonl --extra_heldout=arith=heldout/arith.jsonl
+  python -m experiments.transfer_tokenizer --extra_heldout=teacher64=heldout/teacher64.jsonl \
+      --extra_heldout=arith=heldout/arith.jsonl
+
+(The label `teacher` belongs to the binary's own `--teacher_samples` set.)
 
 Output: JSONL, one `{"text": ..., "origin": ...}` per line, written atomically.
 `experiments.transfer_tokenizer --teacher_samples=N` builds (and caches) the

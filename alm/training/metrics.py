@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
 def _num(v: Any) -> float | int | str:
@@ -94,6 +94,15 @@ def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
   return sorted(by_key.values(), key=lambda r: (r["step"], r["kind"]))
 
 
+def heldout_suffixes(keys: Iterable[str], key: str = "student_bpb") -> list[str]:
+  """Key suffixes of the held-out sets found in `keys`: "" (the main set), then "@label"s.
+
+  Extra held-out sets are reported as `<key>@<label>`; e.g. keys
+  {"student_bpb", "student_bpb@teacher"} give ["", "@teacher"].
+  """
+  return [""] + sorted({"@" + k.split("@", 1)[1] for k in keys if k.startswith(key + "@")})
+
+
 def _plot(history: Sequence[dict], path: Path, title: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -111,9 +120,7 @@ def _plot(history: Sequence[dict], path: Path, title: str) -> None:
   ax1.set_yscale("log")
   ax1.legend()
   # Every held-out set: the student (solid) and its teacher (dashed, same colour).
-  sfxs = [""] + sorted({k.split("@", 1)[1] for r in evals for k in r
-                        if k.startswith("student_bpb@")})
-  for i, sfx in enumerate(f"@{x}" if x else "" for x in sfxs):
+  for i, sfx in enumerate(heldout_suffixes(k for r in evals for k in r)):
     for k, style in ((f"student_bpb{sfx}", "o-"), (f"teacher_bpb{sfx}", "--")):
       pts = [(r["step"], r[k]) for r in evals if k in r]
       if pts:
@@ -150,9 +157,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], *, title: str = "
   evals = [r for r in history if r["kind"] == "eval"]
   if evals:
     # One teacher / student column pair per held-out set (main first, then `@label`s).
-    sfxs = [""] + sorted({k.split("@", 1)[1] for r in evals for k in r
-                          if k.startswith("student_bpb@")})
-    sfxs = [f"@{x}" if x else "" for x in sfxs]
+    sfxs = heldout_suffixes(k for r in evals for k in r)
     head = " | ".join(f"teacher{s} | student{s}" for s in sfxs)
     lines += ["", "## Held-out bits per byte", "", f"| step | {head} |",
               "|---" * (1 + 2 * len(sfxs)) + "|"]

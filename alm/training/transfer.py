@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alm.training.config import TrainConfig
+from alm.training.metrics import heldout_suffixes
 from alm.training.trainer import RunOptions, Trainer, take_batches
 
 
@@ -296,11 +297,10 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
 
 def format_summary(summary: dict[str, Any]) -> str:
   """A short human-readable result block for the end of a run."""
-  keys = ["method", "steps", "seed", "teacher_bpb", "init_student_bpb", "final_student_bpb",
-          "gap_closed"]
-  for label in sorted({k.split("@", 1)[1] for k in summary if "@" in k and
-                       k.startswith("gap_closed")}):
-    keys += [f"{k}@{label}" for k in keys[3:7]]
+  keys = ["method", "steps", "seed"]
+  for sfx in heldout_suffixes(summary, "gap_closed"):
+    keys += [f"{k}{sfx}" for k in ("teacher_bpb", "init_student_bpb", "final_student_bpb",
+                                   "gap_closed")]
   keys += ["total_wall_s", "export_dir"]
   lines = []
   for k in keys:
