@@ -31,6 +31,7 @@ or the arithmetic set.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -79,6 +80,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
   out = Path(FLAGS.out)
+  # Check where the result goes before minutes of sampling, not after.
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    print(f"error: cannot create the directory of --out={out}: {e}", file=sys.stderr)
+    sys.exit(2)
+  if out.is_dir() or not os.access(out.parent, os.W_OK):
+    print(f"error: --out={out} is not a writable file path; pass a .jsonl path in a writable "
+          "directory.", file=sys.stderr)
+    sys.exit(2)
   if FLAGS.kind == "arithmetic":
     texts = arithmetic_texts(FLAGS.num, FLAGS.lines_per_text, FLAGS.seed)
     origin = f"arithmetic-seed{FLAGS.seed}"

@@ -82,3 +82,23 @@ def test_teacher_samples_file_is_cached_and_keyed_by_settings(tmp_path, monkeypa
   monkeypatch.setattr(teacher_samples, "sample_texts", lambda *a, **k: ["other"] * k["num"])
   q = teacher_samples.teacher_samples_file("tiny", model, tok, **{**kw, "seed": 1})
   assert q != p and q.read_text().count("other") == 3
+
+
+def _binary(*flags):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+  return subprocess.run([sys.executable, "-m", "experiments.make_heldout", *flags],
+                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_binary_checks_the_output_path_before_any_work(tmp_path):
+  r = _binary("--kind=arithmetic", f"--out={tmp_path}")
+  assert r.returncode == 2 and "not a writable file path" in r.stderr, r.stderr[-1000:]
+  r = _binary("--kind=arithmetic", "--num=3", f"--out={tmp_path / 'new' / 'a.jsonl'}")
+  assert r.returncode == 0, r.stderr[-1000:]
+  assert len((tmp_path / "new" / "a.jsonl").read_text().splitlines()) == 3
+  r = _binary("--kind=arith", f"--out={tmp_path / 'b.jsonl'}")
+  assert r.returncode != 0 and "<teacher_samples|arithmetic>" in r.stderr
