@@ -26,8 +26,9 @@ The paper's "unbiased" chunks need the tokenization-bias tables of the pair
 
 Outputs in --out_dir: metrics.jsonl, tensorboard/, report.md + report.png,
 summary.json, checkpoints/ (resumed automatically when present; --noresume to
-refuse), and the exported student (HF-format directory, `alm.load_model`
-reads it) in --export_dir.
+start over), and the exported student (HF-format directory, `alm.load_model`
+reads it) in --export_dir. One run at a time per --out_dir / --checkpoint_dir:
+a second one is refused at once, naming the first (pid, host, command).
 
 Multi-host: start one process per host with the same flags after
 `jax.distributed.initialize()` (set --distributed); the mesh spans all
@@ -37,6 +38,7 @@ devices and each process reads its own shard of the data.
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import sys
 
@@ -67,6 +69,17 @@ flags.DEFINE_integer("eval_batches", 4, "Held-out batches (fixed: the first in f
 flags.DEFINE_integer("eval_batch_size", 4, "Rows per held-out batch.")
 flags.DEFINE_bool("pack", False, "Pack several documents per row (else one per row, padded).")
 flags.DEFINE_integer("num_workers", 0, "Grain worker processes for tokenisation + alignment.")
+flags.DEFINE_string("text_field", "text", "JSONL key / parquet column holding the text, in "
+                    "--data, --heldout_data and --extra_heldout.")
+flags.register_validator("text_field", bool, message="must be a non-empty field name")
+flags.DEFINE_enum("bad_documents", "skip", ["skip", "error"], "A document a tokenizer cannot "
+                  "spell exactly (a lone surrogate, a byte its vocabulary lacks): 'skip' it "
+                  "(counted as skipped_documents in the metrics and the report, the first "
+                  "reasons logged), or 'error': stop naming it (checked before the model loads "
+                  "when the data is a few MB at most).")
+flags.DEFINE_enum("text_normalization", "auto", ["auto", "nfc", "none"], "Normalize each "
+                  "text before both tokenizations: 'auto' is NFC when either tokenizer "
+                  "NFC-normalizes (Qwen3's does; it cannot spell non-NFC text), else none.")
 
 # Method and loss.
 flags.DEFINE_enum("method", "alm", config_lib.METHODS, "Training objective.")
@@ -118,12 +131,47 @@ flags.DEFINE_string("checkpoint_dir", None, "Checkpoints (default: <out_dir>/che
                     "disables).")
 flags.DEFINE_integer("checkpoint_every", 0, "Save every N steps (0: only at the end).")
 flags.DEFINE_integer("keep_checkpoints", 2, "Recent checkpoints to keep.")
-flags.DEFINE_bool("resume", True, "Resume from the newest checkpoint in --checkpoint_dir.")
+flags.DEFINE_bool("resume", True, "Resume from the newest checkpoint in --checkpoint_dir "
+                  "(--noresume: start over, replacing that directory's checkpoints).")
 flags.DEFINE_integer("eval_every", 0, "Held-out evaluation every N steps (0: start and end).")
 flags.DEFINE_integer("log_every", 1, "Log training metrics every N steps.")
 flags.DEFINE_string("export_dir", None, "Export the student here as an HF directory (default: "
                     "<out_dir>/export; '' disables).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_integer("max_nonfinite_steps", 10, "Stop after this many consecutive steps with "
+                     "a non-finite loss or gradient (each is skipped, not applied; the last "
+                     "checkpoint is kept).")
+
+# Every numeric flag is checked when the flags are parsed, before any work (a
+# bad --log_every used to surface as a ZeroDivisionError after a minute).
+# Bounds that TrainConfig also checks are repeated so that every numeric flag
+# fails the same way: exit 1, "flag --NAME=VALUE: must be ...".
+_INT_MIN = {"eval_batches": 1, "eval_batch_size": 1, "num_workers": 0, "lora_rank": 0,
+            "projector_layers": 1, "projector_heads": 1, "steps": 1, "warmup_steps": 0,
+            "batch_size": 1, "grad_accum": 1, "teacher_len": 2, "student_len": 2, "seed": 0,
+            "mesh_data": 1, "mesh_fsdp": 1, "mesh_tensor": 1, "checkpoint_every": 0,
+            "keep_checkpoints": 1, "eval_every": 0, "log_every": 1, "max_nonfinite_steps": 1}
+# name -> (lowest value, whether it is excluded, highest value or None).
+_FLOAT_RANGE = {"tau": (0.0, True, None), "gamma": (0.0, True, None),
+                "ntp_weight": (0.0, False, None), "lora_alpha": (0.0, True, None),
+                "learning_rate": (0.0, True, None), "decay_to": (0.0, False, 1.0),
+                "grad_clip": (0.0, False, None)}
+
+
+def _register_bounds() -> None:
+  for name, low in _INT_MIN.items():
+    flags.register_validator(name, lambda v, low=low: v is None or v >= low,
+                             message=f"must be >= {low}")
+  for name, (low, strict, high) in _FLOAT_RANGE.items():
+    def ok(v, low=low, strict=strict, high=high):
+      return v is None or (math.isfinite(v) and (v > low if strict else v >= low)
+                           and (high is None or v <= high))
+    bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None
+                                                     else "")
+    flags.register_validator(name, ok, message=f"must be a finite number {bound}")
+
+
+_register_bounds()
 
 
 def _extra_heldout(values: list[str]) -> tuple[tuple[str, str], ...]:
@@ -169,10 +217,12 @@ def main(argv):
     jax.distributed.initialize()
   # pylint: disable=import-outside-toplevel
   from alm.data.sources import DataError
+  from alm.models.loading import ModelFileError
   from alm.tokenization.base import TokenizerError
   from alm.training.checkpoint import CheckpointMismatchError
+  from alm.training.rundir import OutputDirError
   from alm.training.step import MethodNotAvailableError
-  from alm.training.trainer import RunOptions
+  from alm.training.trainer import NonFiniteTrainingError, RunOptions
   from alm.training.transfer import (BiasTablesError, TransferJob, format_summary, report_path,
                                      run_transfer)
 
@@ -184,18 +234,22 @@ def main(argv):
                     num_workers=FLAGS.num_workers, export_dir=export,
                     bias_tables=FLAGS.bias_tables or "",
                     teacher_samples=FLAGS.teacher_samples,
-                    teacher_sample_tokens=FLAGS.teacher_sample_tokens)
+                    teacher_sample_tokens=FLAGS.teacher_sample_tokens,
+                    text_field=FLAGS.text_field, bad_documents=FLAGS.bad_documents,
+                    text_normalization=FLAGS.text_normalization)
   opts = RunOptions(out_dir=FLAGS.out_dir, checkpoint_dir=FLAGS.checkpoint_dir,
                     checkpoint_every=FLAGS.checkpoint_every,
                     keep_checkpoints=FLAGS.keep_checkpoints, resume=FLAGS.resume,
                     eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+                    max_nonfinite_steps=FLAGS.max_nonfinite_steps,
                     progress=FLAGS.progress and jax.process_index() == 0)
   command = "python -m experiments.transfer_tokenizer " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   try:
     summary = run_transfer(job, cfg, opts, command=command)
   except (TokenizerError, DataError, MethodNotAvailableError, CheckpointMismatchError,
-          BiasTablesError, FileNotFoundError) as e:
+          BiasTablesError, FileNotFoundError, ModelFileError, OutputDirError,
+          NonFiniteTrainingError) as e:
     # Bad input: the message says what and how to fix it; a traceback adds nothing.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

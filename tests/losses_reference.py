@@ -8,6 +8,7 @@ themselves checked by finite differences in the tests.
 
 from __future__ import annotations
 
+import decimal
 import math
 
 import numpy as np
@@ -22,11 +23,6 @@ def logsumexp(x, axis=-1):
 def softmax(x):
   x = np.asarray(x, np.float64)
   return np.exp(x - logsumexp(x)[..., None])
-
-
-def log1mexp(x):
-  x = float(x)
-  return math.log(-math.expm1(x)) if x > -0.6931 else math.log1p(-math.exp(x))
 
 
 def token_logprobs(logits, ids, mask=None):
@@ -45,25 +41,85 @@ def token_logprobs(logits, ids, mask=None):
   return path, boundary
 
 
-def divergence(la, lb, kind):
-  """(D, dD/dla, dD/dlb) in float64 for scalars la, lb < 0."""
-  a, b = math.exp(la), math.exp(lb)
-  l1a, l1b = log1mexp(la), log1mexp(lb)
-  if kind == "kl":
-    d = a * (la - lb) + (1 - a) * (l1a - l1b)
-    da = a * (la - lb) + a - a * (l1a - l1b) - a  # product rule, expanded
-    db = -a + (1 - a) * b / (1 - b)
-  elif kind == "reverse_kl":
-    d = b * (lb - la) + (1 - b) * (l1b - l1a)
-    db = b * (lb - la) + b - b * (l1b - l1a) - b
-    da = -b + (1 - b) * a / (1 - a)
-  elif kind == "tv":
-    d = abs(a - b)
-    da = np.sign(a - b) * a
-    db = np.sign(b - a) * b
-  else:
+# The loss's guards (`alm.losses.alm.binarised_divergence`): a chunk
+# log-probability (already divided by tau) enters the divergence clipped into
+# [LOG_PROB_FLOOR, -ceiling]; the gradient is that of the clipped point,
+# passed through unchanged.
+LOG_PROB_FLOOR = math.log(2.0**-126)
+CEILING = {"float32": 2.0**-46, "float64": 2.0**-104}
+
+
+def guard(l, ceiling=CEILING["float32"]):
+  """The value the loss uses for a chunk log-prob `l` (scalar float)."""
+  return min(max(float(l), LOG_PROB_FLOOR), -ceiling)
+
+
+def _exact(la, lb, kind):
+  """D from Decimal log-probs, by the textbook formula (no rearrangement)."""
+  one = decimal.Decimal(1)
+  a, b = la.exp(), lb.exp()
+  if kind == "tv":
+    return abs(a - b)
+  if kind == "reverse_kl":
+    la, lb, a, b = lb, la, b, a
+  return a * (la - lb) + (one - a) * ((one - a).ln() - (one - b).ln())
+
+
+def divergence_exact(la, lb, kind, digits=80):
+  """(D, dD/dla, dD/dlb) at `digits` significant decimal digits.
+
+  The float inputs are converted exactly (`Decimal(float)`), so the result is
+  the true value at the very floats the loss saw, rounded once to float64.
+  Derivatives are the hand-derived ones (KL: `dD/dla = a((la - lb) -
+  (log(1-a) - log(1-b)))`, `dD/dlb = (b - a)/(1 - b)`; reverse KL swaps the
+  roles; TV: `sign(a - b) a`, `sign(b - a) b`), checked against
+  `divergence_fd` in the tests.
+
+  Args:
+    la, lb: floats < 0 (already guarded).
+    kind: "kl", "reverse_kl" or "tv".
+    digits: decimal precision.
+
+  Returns:
+    (D, dD/dla, dD/dlb) as Python floats.
+  """
+  with decimal.localcontext() as ctx:
+    ctx.prec = digits
+    one = decimal.Decimal(1)
+    xa, xb = decimal.Decimal(float(la)), decimal.Decimal(float(lb))
+    d = _exact(xa, xb, kind)
+    a, b = xa.exp(), xb.exp()
+    if kind == "tv":
+      s = (a > b) - (a < b)
+      return float(d), float(s * a), float(-s * b)
+    p_log, q_log = (xa, xb) if kind == "kl" else (xb, xa)
+    p, q = p_log.exp(), q_log.exp()
+    d_p = p * ((p_log - q_log) - ((one - p).ln() - (one - q).ln()))
+    d_q = (q - p) / (one - q)
+    if kind == "kl":
+      return float(d), float(d_p), float(d_q)
+    if kind == "reverse_kl":
+      return float(d), float(d_q), float(d_p)
     raise ValueError(kind)
-  return d, da, db
+
+
+def divergence_fd(la, lb, kind, digits=80):
+  """(dD/dla, dD/dlb) by central differences in Decimal (step 1e-30 |l|)."""
+  with decimal.localcontext() as ctx:
+    ctx.prec = digits
+    xa, xb = decimal.Decimal(float(la)), decimal.Decimal(float(lb))
+    out = []
+    for da, db in ((1, 0), (0, 1)):
+      h = decimal.Decimal("1e-30") * (abs(xa) if da else abs(xb))
+      hi = _exact(xa + da * h, xb + db * h, kind)
+      lo = _exact(xa - da * h, xb - db * h, kind)
+      out.append(float((hi - lo) / (2 * h)))
+    return tuple(out)
+
+
+def divergence(la, lb, kind):
+  """(D, dD/dla, dD/dlb) as floats for scalars la, lb < 0 (exact, rounded)."""
+  return divergence_exact(la, lb, kind)
 
 
 def _chunk_positions(cids_row):
@@ -75,14 +131,15 @@ def _chunk_positions(cids_row):
 
 
 def alm(teacher, student, *, divergence_kind="kl", tau=100.0,
-        constraint="unconstrained", gamma=0.1, debias=True, eps=1e-7,
-        bias=None):
+        constraint="unconstrained", gamma=0.1, debias=True,
+        ceiling=CEILING["float32"], bias=None):
   """ALM loss (mean over valid chunk groups) and d loss / d student logits.
 
   Args:
     teacher, student: dicts with logits [B,T,V], ids, chunk_ids, and optional
       loss_mask [B,T], boundary_mask [V].
-    bias: optional (b1, b2) [B, C] arrays for constraint "unbiased".
+    bias: unused (the loss has no "unbiased" path: alm.align merges those
+      chunks); accepted so callers can pass one argument list.
 
   Returns:
     (loss, total, count, grad_student_logits float64 [B, T, V]).
@@ -90,7 +147,7 @@ def alm(teacher, student, *, divergence_kind="kl", tau=100.0,
   sides = []
   for s in (teacher, student):
     mask = s.get("boundary_mask")
-    need = debias or constraint in ("space", "boundary_prob")
+    need = debias or constraint == "boundary_prob"
     path, bnd = token_logprobs(s["logits"], s["ids"], mask if need else None)
     sides.append((path, bnd))
   xs = np.asarray(student["logits"], np.float64)
@@ -119,16 +176,10 @@ def alm(teacher, student, *, divergence_kind="kl", tau=100.0,
         keep = True
       elif constraint == "unconstrained":
         keep = True
-      elif constraint == "space":
-        keep = True
-        for pos_list, s in ((tp, teacher), (sp, student)):
-          nxt = pos_list[-1] + 1
-          if nxt < len(s["ids"][i]):
-            keep &= bool(s["boundary_mask"][s["ids"][i][nxt]])
       elif constraint == "boundary_prob":
         keep = sides[0][1][i, tp[-1]] > math.log(gamma)
-      elif constraint == "unbiased":
-        keep = bias[0][i][c] <= gamma and bias[1][i][c] <= gamma
+      else:
+        raise ValueError(f"the loss has no constraint {constraint!r}")
       if keep:
         groups.append((i, current, members_valid))
         current, members_valid = [], True
@@ -151,10 +202,10 @@ def alm(teacher, student, *, divergence_kind="kl", tau=100.0,
   total = 0.0
   smask = student.get("boundary_mask")
   for i, lt, ls, spos, s_last in terms:
-    la, lb = min(lt / tau, -eps), min(ls / tau, -eps)
+    la, lb = guard(lt / tau, ceiling), guard(ls / tau, ceiling)
     d, _, db = divergence(la, lb, divergence_kind)
     total += d
-    g = db / tau / max(count, 1) if ls / tau < -eps else 0.0
+    g = db / tau / max(count, 1)  # the guards pass the gradient through
     for p in spos:
       row = softmax(xs[i, p - 1])
       row[student["ids"][i][p]] -= 1.0

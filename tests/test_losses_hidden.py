@@ -32,7 +32,9 @@ def test_hidden_loss_matches_reference_and_identity_is_zero():
     et = np.array([t_l[i, a] for i, a, _ in ends], np.float64)
     es = np.array([s_l[i, b] for i, _, b in ends], np.float64) @ w
     ms = (et**2).mean(0)
-    total += ((et - es) ** 2 / ms).mean(-1).sum()
+    # SPEC 6: the squared norm over channels, each channel divided by the
+    # teacher's mean square (a sum over channels, not a mean).
+    total += ((et - es) ** 2 / ms).sum(-1).sum()
   assert int(out.count) == len(ends) == 5
   np.testing.assert_allclose(out.total, total / 2, rtol=1e-5)
   # Same states, identity projector: exactly 0.
@@ -40,3 +42,15 @@ def test_hidden_loss_matches_reference_and_identity_is_zero():
   same = jax.jit(lambda h: hidden.hidden_state_loss(
       [h], [h], jnp.asarray(ct), jnp.asarray(ct), ident))(jnp.asarray(ht[0]))
   assert float(same.total) == 0.0
+
+
+def test_hidden_loss_of_a_zero_student_is_the_teacher_width():
+  # sum_d mean_c(h_T[c, d]^2) / ms[d] = D_T exactly when ms is this batch's.
+  rng = np.random.default_rng(1)
+  ht = jnp.asarray(rng.normal(size=(2, 6, 5)) * rng.uniform(0.1, 10, 5),
+                   jnp.float32)
+  ct = jnp.asarray(np.tile(np.arange(6, dtype=np.int32), (2, 1)))
+  out = hidden.hidden_state_loss(
+      [ht], [jnp.zeros_like(ht)], ct, ct,
+      hidden.HiddenProjector(5, 5, rngs=nnx.Rngs(0)))
+  np.testing.assert_allclose(out.mean(), 5.0, rtol=1e-5)

@@ -26,7 +26,7 @@ from alm.training import step as step_lib
 from alm.training.config import TrainConfig
 from alm.training.model import build_transfer_model, cached_mined_map, trainable_filter
 from alm.training.optim import make_optimizer
-from alm.training.trainer import RunOptions, Trainer, take_batches
+from alm.training.trainer import RunOptions
 from alm.training.transfer import (BiasTablesError, TransferJob, bias_tables_align_fn,
                                    load_bias_tables, run_transfer)
 
@@ -215,14 +215,7 @@ def test_mined_map_is_cached_per_pair(data, tmp_path, monkeypatch):
 
 
 def _trainer(corpus, out, cfg, **opts):
-  tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
-  model = build_transfer_model(tu.teacher_model(0), tt, st, cfg)
-  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(
-      batch_size=cfg.batch_size, teacher_len=T_LEN, student_len=S_LEN, seed=cfg.seed))
-  heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
-      batch_size=2, teacher_len=T_LEN, student_len=S_LEN, shuffle=False, num_epochs=1)), 1)
-  run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)
-  return Trainer(model, tt, st, cfg, pipe, heldout, run, fingerprint_extra={"data": "tiny"})
+  return tu.tiny_trainer(corpus, out, cfg, **opts)
 
 
 def _projector(trainer):
@@ -239,7 +232,8 @@ def test_dskd_resume_restores_the_projector(corpus, tmp_path):
   full.fit()
   final = jax.tree.map(np.asarray, full.stepper.state.trainable)
   ckdir = tmp_path / "run" / "checkpoints"
-  assert sorted(p.name for p in ckdir.iterdir()) == ["step_00000001", "step_00000002"]
+  assert sorted(p.name for p in ckdir.iterdir() if p.name != ".lock") == [  # .lock: run lock
+      "step_00000001", "step_00000002"]
   shutil.rmtree(ckdir / "step_00000002")
   resumed = _trainer(corpus, tmp_path / "run", cfg, checkpoint_every=1)
   init = _projector(resumed)

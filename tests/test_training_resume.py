@@ -46,6 +46,11 @@ def _trainer(corpus, out, cfg, *, model_overrides=None, extra_eval_label=None, *
                  fingerprint_extra={"data": "tiny"})
 
 
+def _entries(directory):
+  """What a directory holds besides its run lock (`.lock`, see alm.training.rundir)."""
+  return sorted(p.name for p in directory.iterdir() if p.name != ".lock")
+
+
 def _params(trainer):
   return [np.asarray(x) for x in jax.tree.leaves(trainer.stepper.state.trainable)]
 
@@ -83,7 +88,7 @@ def test_resumed_run_reaches_the_same_parameters(runs):
     return {r["step"]: r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))
             if r["kind"] == "train"}
   assert losses(pathlib.Path(full.opts.out_dir)) == losses(part_dir)
-  assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == [
+  assert _entries(part_dir / "checkpoints") == [
       "step_00000002", "step_00000004"]
 
 
@@ -97,7 +102,7 @@ def test_checkpoint_of_another_model_or_config_is_refused(runs, corpus, tmp_path
                      match=r"(?s)hidden_size: checkpoint has 32, this run has 48.*--checkpoint_dir"):
     other_model.fit()
   # Nothing was written or removed by the refused attempts.
-  assert sorted(p.name for p in (part_dir / "checkpoints").iterdir()) == [
+  assert _entries(part_dir / "checkpoints") == [
       "step_00000002", "step_00000004"]
 
 
@@ -114,12 +119,12 @@ def test_failed_save_leaves_no_half_written_checkpoint(runs, tmp_path, monkeypat
   monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
   with pytest.raises(KeyboardInterrupt):
     ck.save(2, st.trainable, st.opt_state, {"pos": 2})
-  assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000001"]
+  assert _entries(tmp_path / "ck") == ["step_00000001"]
   assert ck.latest_step() == 1
   # A crash that killed the process leaves a .tmp dir; the next open removes it.
   (tmp_path / "ck" / ".tmp-step_00000003-1-1").mkdir()
   Checkpointer(tmp_path / "ck", {"run": 1})
-  assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000001"]
+  assert _entries(tmp_path / "ck") == ["step_00000001"]
 
 
 def test_export_is_loadable_by_alm_load_model(runs, tmp_path):

@@ -43,3 +43,25 @@ def write_corpus(directory: Path, texts=TEXTS, name: str = "train.jsonl") -> Pat
   p = directory / name
   p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
   return p
+
+
+def tiny_trainer(corpus: Path, out: Path, cfg, **opts):
+  """A `Trainer` of the tiny teacher -> byte student on `corpus`.
+
+  The training pipeline is shuffled by `cfg.seed`; the held-out set is the
+  corpus's first batch of 2 rows. `opts` go to `RunOptions` (no progress bar,
+  no TensorBoard).
+  """
+  # pylint: disable=import-outside-toplevel
+  from alm.data.pipeline import Pipeline, PipelineConfig
+  from alm.training.model import build_transfer_model
+  from alm.training.trainer import RunOptions, Trainer, take_batches
+  tt, st = teacher_tokenizer(), student_tokenizer()
+  lens = dict(teacher_len=cfg.teacher_len, student_len=cfg.student_len)
+  model = build_transfer_model(teacher_model(0), tt, st, cfg)
+  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=cfg.batch_size, seed=cfg.seed,
+                                                      **lens))
+  heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
+      batch_size=2, shuffle=False, num_epochs=1, **lens)), 1)
+  run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)
+  return Trainer(model, tt, st, cfg, pipe, heldout, run, fingerprint_extra={"data": "tiny"})

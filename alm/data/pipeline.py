@@ -23,6 +23,19 @@ chunk ids are offset so that ids stay contiguous and increasing in a row and
 never link two documents. The first token of every document has loss mask
 False: it has no prediction inside its own document.
 
+Documents a tokenizer cannot spell exactly: when either tokenizer NFC-normalizes
+its input (Qwen3's does), a text that is not in NFC cannot be spelled by its
+tokens, so the text is normalized once, before both tokenizations
+(`text_normalization="auto"`): one text, both tokenizations of it. What is
+left (a lone surrogate, a byte a vocabulary lacks) follows `bad_documents`:
+"skip" (default: a long run must not die at the one bad document it reaches,
+again at the same place on every resume) drops the document, counts it
+(`Pipeline.num_skipped`, part of the checkpointable state) and logs the first
+`LOGGED_BAD_DOCUMENTS` reasons; "error" raises `BadDocumentError` naming the
+document, the tokenizer's reason and the fix. `check_documents` finds such a
+document in one pass before training when the data is small enough
+(`SCAN_MAX_DOCUMENTS`, `SCAN_MAX_BYTES`).
+
 Batches are dicts of numpy arrays, `B = batch_size`, `Tt = teacher_len`,
 `Ts = student_len`:
   teacher_ids / student_ids               int32 [B, Tt] / [B, Ts] (pad: pad_id)
@@ -32,11 +45,17 @@ Batches are dicts of numpy arrays, `B = batch_size`, `Tt = teacher_len`,
   teacher_positions / student_positions   int32
   teacher_num_bytes / student_num_bytes   int32, text bytes of each token (for
                                           bits per byte; 0 for specials/padding)
+  teacher_text_continues / student_text_continues
+                                          bool, True on every token of a piece
+                                          cut from a longer document (its text
+                                          continues past the piece's end)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import unicodedata
 from typing import Any, Callable, Literal, Sequence
 
 import grain
@@ -50,10 +69,43 @@ from alm.tokenization.base import ByteTokenizer, Encoding
 
 Mode = Literal["pad", "pack"]
 LongDocuments = Literal["truncate", "split"]
+BadDocuments = Literal["skip", "error"]
+TextNormalization = Literal["auto", "nfc", "none"]
 MODES: tuple[str, ...] = ("pad", "pack")
 LONG_DOCUMENTS: tuple[str, ...] = ("truncate", "split")
+BAD_DOCUMENTS: tuple[str, ...] = ("skip", "error")
+TEXT_NORMALIZATIONS: tuple[str, ...] = ("auto", "nfc", "none")
+# Skipped documents whose reason is logged (the rest are only counted: a corpus
+# with a million bad lines must not flood the log).
+LOGGED_BAD_DOCUMENTS = 5
+# This many skipped documents in a row means the data or the tokenizer pair is
+# wrong (or every document is bad): an error instead of an endless search.
+MAX_SKIPPED_IN_A_ROW = 1000
+# `check_documents` scans data up to this size before training (two
+# tokenizations at ~0.4 MB/s on a shared 2-core CPU for Qwen3 + SmolLM2: ~10 s).
+SCAN_MAX_DOCUMENTS = 20_000
+SCAN_MAX_BYTES = 4 << 20
+
+
+class BadDocumentError(DataError):
+  """One document cannot be tokenized exactly; the message names it and the fix.
+
+  Attributes:
+    reason: the document and the tokenizer's message, without the fix.
+  """
+
+  def __init__(self, message: str, *, reason: str | None = None):
+    super().__init__(message)
+    self.reason = reason or message
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skipped:
+  """What the per-document work returns for a bad document under "skip"."""
+
+  reason: str
 SIDES = ("teacher", "student")
-_SEQ_FEATURES = ("ids", "chunk_ids", "loss_mask", "num_bytes")
+_SEQ_FEATURES = ("ids", "chunk_ids", "loss_mask", "num_bytes", "text_continues")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +136,11 @@ class PipelineConfig:
       default: any two tokenizers), a family ("chatml", "llama3", "gemma",
       "mistral") whose markers both tokenizers have, or "auto" (the teacher's).
       Loss masks cover assistant contents and their end-of-turn markers.
+    bad_documents: a document a tokenizer cannot spell exactly: "skip" it
+      (counted, the first reasons logged) or raise an "error" naming it.
+    text_normalization: "auto" (NFC when either tokenizer NFC-normalizes its
+      input, else none), "nfc" or "none"; applied to the text once, before
+      both tokenizations, so both sides spell the same bytes.
   """
 
   batch_size: int = 8
@@ -101,6 +158,8 @@ class PipelineConfig:
   shard_count: int = 1
   add_eos: bool = False
   chat_family: str = "plain"
+  bad_documents: BadDocuments = "skip"
+  text_normalization: TextNormalization = "auto"
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -121,6 +180,37 @@ class PipelineConfig:
                        f"{', '.join(chat.FAMILIES + ('auto',))}.")
     if self.num_workers < 0:
       raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
+    if self.bad_documents not in BAD_DOCUMENTS:
+      raise ValueError(f"Unknown bad_documents {self.bad_documents!r}; valid values: "
+                       f"{', '.join(BAD_DOCUMENTS)}.")
+    if self.text_normalization not in TEXT_NORMALIZATIONS:
+      raise ValueError(f"Unknown text_normalization {self.text_normalization!r}; valid values: "
+                       f"{', '.join(TEXT_NORMALIZATIONS)}.")
+
+
+def _normalizes_nfc(tok: ByteTokenizer) -> bool:
+  # `VocabTokenizer.normalize` gives the form a tokenizer encodes exactly; NFC is the
+  # only normalization a lossless tokenizer may apply (lossy ones are refused at load).
+  normalize = getattr(tok, "normalize", None)
+  return normalize is not None and normalize("e\u0301") != "e\u0301"
+
+
+def resolve_text_normalization(option: str, teacher: ByteTokenizer,
+                               student: ByteTokenizer) -> str:
+  """The normalization a pipeline applies: "nfc" or "none" (resolves "auto").
+
+  Args:
+    option: `PipelineConfig.text_normalization`.
+    teacher: the teacher tokenizer.
+    student: the student tokenizer.
+
+  Returns:
+    "nfc" when `option` is "nfc", or is "auto" and either tokenizer
+    NFC-normalizes (it cannot spell the bytes of non-NFC text); else "none".
+  """
+  if option == "auto":
+    return "nfc" if _normalizes_nfc(teacher) or _normalizes_nfc(student) else "none"
+  return option
 
 
 # ---------------------------------------------------------------------------
@@ -186,28 +276,71 @@ class DocumentProcessor:
                align_fn: Callable | None = None):
     self.teacher, self.student, self.cfg = teacher, student, cfg
     self.align_fn = align_fn or align
+    self.normalization = resolve_text_normalization(cfg.text_normalization, teacher, student)
+    self._chat_family: str | None = None  # checked on the first chat document
+
+  def _family(self, origin: str) -> str:
+    """The chat family, checked once against both tokenizers with a probe chat.
+
+    A family whose markers a tokenizer lacks fails every chat document: that is
+    a configuration error, raised whatever `bad_documents` says.
+    """
+    if self._chat_family is None:
+      family = self.cfg.chat_family
+      probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+      try:
+        if family == "auto":
+          family = chat.detect_family(self.teacher)
+        for tok in (self.teacher, self.student):
+          chat.render_chat(tok, probe, family=family)
+      except ValueError as e:
+        raise DataError(f"{origin}: cannot render chats with chat_family="
+                        f"{self.cfg.chat_family!r}: {e}") from e
+      self._chat_family = family
+    return self._chat_family
+
+  def _normalized(self, doc: dict[str, Any]) -> dict[str, Any]:
+    if self.normalization != "nfc":
+      return doc
+    nfc = lambda x: unicodedata.normalize("NFC", x) if isinstance(x, str) else x
+    if "messages" in doc:
+      return {**doc, "messages": [{**m, "content": nfc(m["content"])} for m in doc["messages"]]}
+    return {**doc, "text": nfc(doc["text"])}
+
+  def _fix_hint(self, message: str) -> str:
+    hint = (" Skip such documents (counted and logged) with --bad_documents=skip "
+            "(PipelineConfig(bad_documents='skip')).")
+    if self.normalization == "none" and "NFC" in message:
+      hint += (" Or normalize the text before both tokenizations with "
+               "--text_normalization=auto (PipelineConfig(text_normalization='auto')).")
+    return hint
 
   def encode(self, doc: dict[str, Any]) -> tuple[Encoding, Encoding]:
     """Both encodings of a document, with loss masks (chat: assistant turns only).
 
     Plain documents keep `loss_mask=None` (every token a target) so that the
-    alignment keeps chunks of special tokens matched on both sides.
+    alignment keeps chunks of special tokens matched on both sides. The text is
+    normalized first when `self.normalization` is "nfc".
+
+    Raises:
+      BadDocumentError: a tokenizer cannot spell this document exactly.
+      alm.data.sources.DataError: the chat family does not fit the tokenizers.
     """
+    origin = doc.get("origin", "?")
+    family = self._family(origin) if "messages" in doc else None
+    doc = self._normalized(doc)
     encs = []
     for tok in (self.teacher, self.student):
       try:
-        if "messages" in doc:
-          family = self.cfg.chat_family
-          if family == "auto":
-            family = chat.detect_family(self.teacher)
+        if family is not None:
           enc = chat.render_chat(tok, doc["messages"], family=family)
         else:
           enc = tok.encode(doc["text"])
           if self.cfg.add_eos:
             enc = _with_eos(enc, tok)
       except ValueError as e:  # TokenizerError: name the document that caused it
-        raise DataError(f"{doc.get('origin', '?')}: cannot tokenize with "
-                        f"{getattr(tok, 'name', tok)!r}: {e}") from e
+        reason = f"{origin}: cannot tokenize with {getattr(tok, 'name', tok)!r}: {e}"
+        raise BadDocumentError(reason + self._fix_hint(str(e)), reason=reason) from e
       encs.append(enc)
     if encs[0].text != encs[1].text:
       raise DataError(
@@ -216,9 +349,17 @@ class DocumentProcessor:
           "aligned; use chat_family='plain' or a family whose markers both tokenizers have.")
     return encs[0], encs[1]
 
-  def __call__(self, doc: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+  def __call__(self, doc: dict[str, Any]) -> list[dict[str, np.ndarray]] | _Skipped:
+    """The document's row-sized examples (a `_Skipped` marker for a bad one under "skip")."""
     cfg = self.cfg
-    t, s = self.encode(doc)
+    try:
+      t, s = self.encode(doc)
+    except BadDocumentError as e:
+      if cfg.bad_documents == "error":
+        raise
+      # Dropped downstream (`_SkipBadDocuments`), in the calling process: the count
+      # then lives in the iterator's state even when workers do this work.
+      return _Skipped(e.reason)
     tc, sc = self.align_fn(t, s, constraint=cfg.align_constraint, teacher_tokenizer=self.teacher,
                            student_tokenizer=self.student)
     tc, sc = np.asarray(tc, np.int32), np.asarray(sc, np.int32)
@@ -235,6 +376,7 @@ class DocumentProcessor:
     out = []
     for i, (t_lo, t_hi, s_lo, s_hi) in enumerate(pieces):
       ptc, psc = tc[t_lo:t_hi], sc[s_lo:s_hi]
+      continues = bool(t_hi < len(t) or s_hi < len(s))
       # A chunk survives only if all its tokens on both sides are in the piece.
       whole = (np.bincount(ptc[ptc >= 0], minlength=n_chunks) == tot_t) & (
           np.bincount(psc[psc >= 0], minlength=n_chunks) == tot_s)
@@ -259,6 +401,9 @@ class DocumentProcessor:
         ex[f"{side}_chunk_ids"] = cid.astype(np.int32)
         ex[f"{side}_loss_mask"] = mask.astype(bool)
         ex[f"{side}_num_bytes"] = nbytes.astype(np.int32)
+        # The piece ends at a cut, not at the document's end: the loss must not
+        # treat the boundary after its last chunk as the end of the text.
+        ex[f"{side}_text_continues"] = np.full(len(ids), continues, bool)
       out.append(ex)
     return out
 
@@ -278,13 +423,77 @@ class _Flatten(grain.transforms.FlatMap if hasattr(grain.transforms, "FlatMap")
     return element
 
 
+class _SkipCount:
+  """The number of skipped documents, shared by a `Pipeline` and its iterator."""
+
+  def __init__(self):
+    self.n = 0
+
+
+class _SkipBadDocuments(grain.IterDataset):
+  """Drops `_Skipped` markers, counting them; the count is part of the iterator state.
+
+  Keeping the count in the state of this stage (not in a side counter) keeps it
+  exact under grain's checkpointing: a stage downstream that restores and re-reads
+  it (the packer re-reads its open bins) re-counts the same documents.
+  """
+
+  def __init__(self, parent: grain.IterDataset, count: _SkipCount):
+    super().__init__(parent)
+    self._count = count
+
+  def __iter__(self):
+    return _SkipBadDocumentsIterator(self._parent.__iter__(), self._count)
+
+
+class _SkipBadDocumentsIterator(grain.DatasetIterator):
+  """Iterator of `_SkipBadDocuments`."""
+
+  def __init__(self, parent, count: _SkipCount):
+    super().__init__(parent)
+    self._count = count
+    self._skipped = 0
+    self._run = 0  # skipped in a row
+
+  def __next__(self):
+    while True:
+      element = next(self._parent)
+      if not isinstance(element, _Skipped):
+        self._run = 0
+        return element
+      self._skipped += 1
+      self._run += 1
+      self._count.n = self._skipped
+      if self._skipped <= LOGGED_BAD_DOCUMENTS:
+        logging.warning("Skipped document %s%s", element.reason,
+                        "" if self._skipped < LOGGED_BAD_DOCUMENTS else
+                        " (further skipped documents are counted, not logged)")
+      if self._run >= MAX_SKIPPED_IN_A_ROW:
+        raise DataError(
+            f"{self._run} documents in a row could not be tokenized (the last: "
+            f"{element.reason}); the data or the tokenizer pair is wrong, or no document is "
+            "usable. Pass bad_documents='error' (--bad_documents=error) to stop at the first.")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "skipped_documents": self._skipped,
+            "skipped_in_a_row": self._run}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if "skipped_documents" not in state:  # a state saved before this stage existed
+      state = {"parent": state, "skipped_documents": 0, "skipped_in_a_row": 0}
+    self._parent.set_state(state["parent"])
+    self._skipped, self._run = int(state["skipped_documents"]), int(state["skipped_in_a_row"])
+    self._count.n = self._skipped
+
+
 def pad_example(ex: dict[str, np.ndarray], cfg: PipelineConfig, pad_ids=(0, 0)) -> dict:
   """One document as a fixed-length row (segment 1, positions from 0, padding after)."""
   row = {}
   for side, length, pad in (("teacher", cfg.teacher_len, pad_ids[0]),
                             ("student", cfg.student_len, pad_ids[1])):
     n = len(ex[f"{side}_ids"])
-    fill = {"ids": pad, "chunk_ids": -1, "loss_mask": False, "num_bytes": 0}
+    fill = {"ids": pad, "chunk_ids": -1, "loss_mask": False, "num_bytes": 0,
+            "text_continues": False}
     for f in _SEQ_FEATURES:
       a = ex[f"{side}_{f}"]
       row[f"{side}_{f}"] = np.concatenate([a, np.full(length - n, fill[f], a.dtype)])
@@ -328,6 +537,7 @@ def finalize_row(row: dict[str, np.ndarray], pad_ids=(0, 0)) -> dict:
         row[f"{side}_positions"] > 0)
     row[f"{side}_ids"] = np.where(sg > 0, row[f"{side}_ids"], pad).astype(np.int32)
     row[f"{side}_num_bytes"] = np.where(sg > 0, row[f"{side}_num_bytes"], 0).astype(np.int32)
+    row[f"{side}_text_continues"] = (row[f"{side}_text_continues"].astype(bool) & (sg > 0))
   return row
 
 
@@ -349,7 +559,8 @@ def _pad_id(tok: ByteTokenizer) -> int:
 
 
 def build_dataset(source, teacher: ByteTokenizer, student: ByteTokenizer,
-                  cfg: PipelineConfig, *, align_fn: Callable | None = None) -> grain.IterDataset:
+                  cfg: PipelineConfig, *, align_fn: Callable | None = None,
+                  skip_count: _SkipCount | None = None) -> grain.IterDataset:
   """The grain dataset of batches (see the module docstring for the stages).
 
   Args:
@@ -358,6 +569,8 @@ def build_dataset(source, teacher: ByteTokenizer, student: ByteTokenizer,
     student: the student tokenizer.
     cfg: the pipeline options.
     align_fn: alignment function (default: `alm.align`).
+    skip_count: receives the number of skipped bad documents (`Pipeline`
+      passes its own).
 
   Returns:
     A `grain.IterDataset` yielding batch dicts of numpy arrays.
@@ -378,6 +591,7 @@ def build_dataset(source, teacher: ByteTokenizer, student: ByteTokenizer,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  it = _SkipBadDocuments(it, skip_count or _SkipCount())
   # Worst case a document splits into one piece per `len/1` tokens; bound generously.
   it = grain_exp.FlatMapIterDataset(it, _Flatten(max_fan_out=1 << 20))
   if cfg.mode == "pad":
@@ -416,8 +630,18 @@ class Pipeline:
       source = open_source(source)
     self.cfg = cfg or PipelineConfig()
     self.source = source
-    self.dataset = build_dataset(source, teacher, student, self.cfg, align_fn=align_fn)
+    self.normalization = resolve_text_normalization(self.cfg.text_normalization, teacher,
+                                                    student)
+    self._skips = _SkipCount()
+    self.dataset = build_dataset(source, teacher, student, self.cfg, align_fn=align_fn,
+                                 skip_count=self._skips)
     self._it = iter(self.dataset)
+
+  @property
+  def num_skipped(self) -> int:
+    """Bad documents skipped so far (read ahead of the batches by at most the packer's
+    open bins; restored with `restore`, so cumulative over a resumed run)."""
+    return self._skips.n
 
   def __iter__(self):
     return self
@@ -438,3 +662,50 @@ class Pipeline:
     close = getattr(self._it, "close", None)
     if close is not None:
       close()
+
+
+def _text_bytes(doc: dict[str, Any]) -> int:
+  if "messages" in doc:
+    return sum(len(m.get("content", "")) for m in doc["messages"])
+  return len(doc.get("text", ""))
+
+
+def check_documents(source, teacher: ByteTokenizer, student: ByteTokenizer,
+                    cfg: PipelineConfig | None = None, *, max_documents: int = SCAN_MAX_DOCUMENTS,
+                    max_bytes: int = SCAN_MAX_BYTES) -> int | None:
+  """Tokenizes every document once, to find a bad one before training starts.
+
+  For `bad_documents="error"` on data small enough to scan in seconds: the
+  error then comes before the model loads, not when the document is reached.
+
+  Args:
+    source: documents (`open_source(...)` or a list of document dicts).
+    teacher: the teacher tokenizer.
+    student: the student tokenizer.
+    cfg: the pipeline options (normalization, chat family, EOS).
+    max_documents: scan only sources with at most this many documents.
+    max_bytes: ... and at most about this many bytes of text (characters are
+      counted, which is exact for ASCII).
+
+  Returns:
+    The number of documents checked, or None when the source is too large to
+    check (it is then checked as it is read).
+
+  Raises:
+    BadDocumentError: the first document a tokenizer cannot spell exactly
+      (names the document, the reason and the fix).
+  """
+  cfg = cfg or PipelineConfig()
+  n = len(source)
+  if n > max_documents:
+    return None
+  size = getattr(source, "num_bytes", None)  # indexed files know it without reading
+  if size is not None:
+    if size > max_bytes:
+      return None
+  elif sum(_text_bytes(source[i]) for i in range(n)) > max_bytes:
+    return None
+  proc = DocumentProcessor(teacher, student, dataclasses.replace(cfg, bad_documents="error"))
+  for i in range(n):
+    proc.encode(source[i])
+  return n

@@ -92,6 +92,11 @@ class _Indexed:
   def __len__(self) -> int:
     return int(self._file_a.shape[0])
 
+  @property
+  def num_bytes(self) -> int:
+    """Bytes of all the documents' records in the files (JSON syntax included), unread."""
+    return int(self._len_a.sum())
+
   def _raw(self, i: int) -> tuple[bytes, str]:
     f = int(self._file_a[i])
     with open(self.paths[f], "rb") as fh:  # opened per access: safe in worker processes
@@ -145,9 +150,12 @@ class JsonlSource(_Indexed):
     if isinstance(obj.get(self.messages_field), list):
       _check_messages(obj[self.messages_field], where)
     elif not isinstance(obj.get(self.text_field), str):
+      strings = [k for k, v in sorted(obj.items()) if isinstance(v, str)]
+      name = strings[0] if len(strings) == 1 else "..."  # the one candidate, when there is one
       raise DataError(
           f"{where}: no string field {self.text_field!r} (nor a list {self.messages_field!r}); "
-          f"the line has keys {sorted(obj)}. Pass text_field=... to name the text field.")
+          f"the line has keys {sorted(obj)}. Name the text field with --text_field={name} "
+          f"(open_source(..., text_field={name!r}), TransferJob(text_field=...)).")
     return obj
 
   def __getitem__(self, i: int) -> dict:
@@ -243,7 +251,8 @@ class ParquetSource:
       field = messages_field if messages_field in names else text_field
       if field not in names:
         raise DataError(f"{path}: no column {text_field!r} (nor {messages_field!r}); columns: "
-                        f"{names}. Pass text_field=... to name the text column.")
+                        f"{names}. Name the text column with --text_field=... "
+                        "(open_source(..., text_field=...), TransferJob(text_field=...)).")
       self._chat = field == messages_field
       col = pq.read_table(path, columns=[field]).column(field).to_pylist()
       for r, v in enumerate(col):
@@ -298,7 +307,8 @@ class HFSource:
     self.field = messages_field if messages_field in cols else text_field
     if self.field not in cols:
       raise DataError(f"Hugging Face dataset has no column {text_field!r} (nor "
-                      f"{messages_field!r}); columns: {cols}.")
+                      f"{messages_field!r}); columns: {cols}. Name the text column with "
+                      "--text_field=... (open_source(..., text_field=...)).")
     self.num_skipped = 0
 
   def __len__(self) -> int:

@@ -66,16 +66,33 @@ def _stats_dtype(dtype):
   return jnp.promote_types(jnp.float32, dtype)
 
 
+def _logp(picked, m, s_other):
+  """`log p(target) = picked - lse`, to full relative precision near 0.
+
+  `lse = m + log(exp(picked - m) + s_other)` with `s_other` the sum of
+  `exp(x_v - m)` over the other tokens. `picked - lse` rounds to 0 in float32
+  once `p(target) > 1 - 6e-8 * lse` (any near-certain token when logits are
+  ~20); written as `(picked - m) - log1p(expm1(picked - m) + s_other)` it is
+  `-log1p(s_other)` for a winning target: exact down to the smallest floats.
+  """
+  d = picked - m  # <= 0
+  return d - jnp.log1p(jnp.expm1(d) + s_other)
+
+
 def _stats_fwd_math(logits, targets, mask):
-  """Returns (lse, masked_lse, picked) as float32 [...]; fused by XLA."""
+  """Returns (lse, masked_lse, logp) as float32 [...]; fused by XLA."""
   f32 = _stats_dtype(logits.dtype)
   m = jnp.max(logits, axis=-1).astype(f32)  # [B, T]
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   picked = picked.astype(f32)
+  vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  other = vocab != targets[..., None]  # the target is summed apart (_logp)
+  e_t = jnp.exp(picked - m)
   if mask is None:
     e = jnp.exp(logits.astype(f32) - m[..., None])
-    lse = m + jnp.log(jnp.sum(e, axis=-1))
-    return lse, None, picked
+    s_other = jnp.sum(jnp.where(other, e, 0.0), axis=-1)
+    lse = m + jnp.log(s_other + e_t)
+    return lse, None, _logp(picked, m, s_other)
   # The masked maximum keeps the masked log-sum-exp exact even when every
   # masked logit is > 88 below the overall maximum (exp would underflow). One
   # exp per element: masked entries are shifted by their own maximum.
@@ -84,24 +101,34 @@ def _stats_fwd_math(logits, targets, mask):
   mm = jnp.where(jnp.isfinite(mm), mm, m)  # an empty mask: any finite shift
   shift = jnp.where(mask, mm[..., None], m[..., None])
   e = jnp.exp(logits.astype(f32) - shift)  # never stored: fused into sums
-  s_masked = jnp.sum(jnp.where(mask, e, 0.0), axis=-1)
-  s_rest = jnp.sum(jnp.where(mask, 0.0, e), axis=-1)
+  s_masked_o = jnp.sum(jnp.where(mask & other, e, 0.0), axis=-1)
+  s_rest_o = jnp.sum(jnp.where(mask | ~other, 0.0, e), axis=-1)
+  # Whether the target is masked, as a reduction (a gather from the [V] mask
+  # by batch-sharded ids has no unambiguous sharding).
+  t_masked = jnp.any(mask & ~other, axis=-1)
+  s_masked = s_masked_o + jnp.where(t_masked, jnp.exp(picked - mm), 0.0)
+  s_rest = s_rest_o + jnp.where(t_masked, 0.0, e_t)
   # log(S_rest * e^m + S_masked * e^mm), computed around the larger shift.
   big = jnp.maximum(m, mm)
   lse = big + jnp.log(s_rest * jnp.exp(m - big) + s_masked * jnp.exp(mm - big))
   masked_lse = mm + jnp.log(s_masked)  # -inf only for an empty mask
-  return lse, masked_lse, picked
+  s_other = s_rest_o + s_masked_o * jnp.exp(mm - m)  # mm <= m
+  return lse, masked_lse, _logp(picked, m, s_other)
 
 
-def _stats_bwd_math(logits, targets, mask, lse, masked_lse, g_lse, g_mlse,
-                    g_picked):
-  """d(lse, masked_lse, picked) / d logits, in the logits' dtype."""
+def _stats_bwd_math(logits, targets, mask, lse, masked_lse, logp, g_lse,
+                    g_mlse, g_logp):
+  """d(lse, masked_lse, logp) / d logits, in the logits' dtype."""
   f32 = _stats_dtype(logits.dtype)
   x = logits.astype(f32)
   vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
   onehot = vocab == targets[..., None]
-  # d lse = softmax, d masked_lse = masked softmax, d picked = onehot.
-  grad = jnp.where(onehot, g_picked[..., None], 0.0)
+  # d lse = softmax, d masked_lse = masked softmax, d logp = onehot - softmax.
+  # The target's `1 - p` is `-expm1(logp)`, not 1 minus a rounded p (which
+  # is 0 for a near-certain target); every other token gets `-p g_logp`.
+  g_soft = jnp.where(onehot, g_lse[..., None],
+                     (g_lse - g_logp)[..., None])  # [B, T, V]
+  grad = jnp.where(onehot, (-jnp.expm1(logp) * g_logp)[..., None], 0.0)
   if mask is not None:
     # One exp per element: masked entries use exp(x - masked_lse) and rescale
     # to exp(x - lse) by the (<= 1) per-row factor exp(masked_lse - lse).
@@ -110,10 +137,9 @@ def _stats_bwd_math(logits, targets, mask, lse, masked_lse, g_lse, g_mlse,
     e = jnp.exp(x - shift)
     ratio = jnp.exp(safe_mlse - lse)[..., None]
     grad = grad + jnp.where(
-        mask, e * (g_mlse[..., None] + g_lse[..., None] * ratio),
-        e * g_lse[..., None])
+        mask, e * (g_mlse[..., None] + g_soft * ratio), e * g_soft)
   else:
-    grad = grad + jnp.exp(x - lse[..., None]) * g_lse[..., None]
+    grad = grad + jnp.exp(x - lse[..., None]) * g_soft
   return grad.astype(logits.dtype)
 
 
@@ -188,29 +214,29 @@ def _vocab_stats(logits, targets, mask, has_mask, block_rows):
     fn = lambda x, tg: _stats_fwd_math(x, tg, mask)
     return _blockwise(fn, (logits, targets), (zeros,) * 3, tb, t)
   fn = lambda x, tg: (lambda r: (r[0], r[2]))(_stats_fwd_math(x, tg, None))
-  lse, picked = _blockwise(fn, (logits, targets), (zeros,) * 2, tb, t)
-  return lse, None, picked
+  lse, logp = _blockwise(fn, (logits, targets), (zeros,) * 2, tb, t)
+  return lse, None, logp
 
 
 def _vocab_stats_fwd(logits, targets, mask, has_mask, block_rows):
   out = _vocab_stats(logits, targets, mask, has_mask, block_rows)
-  lse, masked_lse, _ = out
+  lse, masked_lse, logp = out
   # Residuals are the logits (alive anyway) and [B, T] scalars only.
-  return out, (logits, targets, mask, lse, masked_lse)
+  return out, (logits, targets, mask, lse, masked_lse, logp)
 
 
 def _vocab_stats_bwd(has_mask, block_rows, res, g):
-  logits, targets, mask, lse, masked_lse = res
-  g_lse, g_mlse, g_picked = g
+  logits, targets, mask, lse, masked_lse, logp = res
+  g_lse, g_mlse, g_logp = g
   b, t, _ = logits.shape
   tb = _block_len(b, t, block_rows)
   if has_mask:
     fn = lambda *a: (_stats_bwd_math(a[0], a[1], mask, *a[2:]),)
-    arrays = (logits, targets, lse, masked_lse, g_lse, g_mlse, g_picked)
+    arrays = (logits, targets, lse, masked_lse, logp, g_lse, g_mlse, g_logp)
   else:
-    fn = lambda x, tg, l, gl, gp: (_stats_bwd_math(x, tg, None, l, None, gl,
-                                                   None, gp),)
-    arrays = (logits, targets, lse, g_lse, g_picked)
+    fn = lambda x, tg, l, lp, gl, gp: (_stats_bwd_math(
+        x, tg, None, l, None, lp, gl, None, gp),)
+    arrays = (logits, targets, lse, logp, g_lse, g_logp)
   # The gradient buffer is the only [B, T, V] array: the blocks' gradients are
   # written into it in place.
   (grad,) = _blockwise(fn, arrays, (jnp.zeros_like(logits),), tb, t)
@@ -227,30 +253,32 @@ def vocab_logsumexps(
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """Log-sum-exps and picked logits of every position, block by block.
+  """Log-sum-exps and target log-probs of every position, block by block.
 
   `lse[b, t] = log sum_v exp(logits[b, t, v])`,
   `masked_lse[b, t] = log sum_{v : mask[v]} exp(logits[b, t, v])`,
-  `picked[b, t] = logits[b, t, targets[b, t]]`, all in float32 (float64
-  for float64 logits).
+  `logp[b, t] = logits[b, t, targets[b, t]] - lse[b, t]`, all in float32
+  (float64 for float64 logits); `logp` keeps full relative precision for a
+  near-certain target (`_logp`), where the plain difference rounds to 0.
 
   The positions are processed in blocks of about `block_rows` rows (the whole
   batch times `block_rows // B` positions) in a `fori_loop`, both forward and
   backward (a custom VJP that recomputes each block from the logits), so the
   float32 temporaries never exceed one block whatever XLA fuses. The backward
-  pass writes `g_lse * softmax + g_mlse * masked_softmax + g_picked * onehot`
+  pass writes `g_lse * softmax + g_mlse * masked_softmax
+  + g_logp * (onehot - softmax)`
   block by block into one gradient buffer in the logits' dtype (bf16 logits
   get a bf16 gradient): the only [B, T, V] array the loss creates, as for
   plain cross-entropy.
 
   Args:
     logits: [B, T, V] (any float dtype).
-    targets: int [B, T] vocabulary ids (read only by `picked`).
+    targets: int [B, T] vocabulary ids (read only by `logp`).
     mask: optional bool [V].
     block_rows: rows (batch x positions) per block; >= 1.
 
   Returns:
-    (lse, masked_lse or None, picked), each float32 [B, T].
+    (lse, masked_lse or None, logp), each float32 [B, T].
   """
   if logits.ndim != 3:
     raise ValueError(f"logits must be [B, T, V], got shape {logits.shape}")
@@ -313,9 +341,9 @@ def token_logprobs(
   """
   targets = jnp.concatenate(
       [ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)  # next token
-  lse, masked_lse, picked = vocab_logsumexps(logits, targets, boundary_mask,
-                                             block_rows=block_rows)
-  path = jnp.pad((picked - lse)[:, :-1], ((0, 0), (1, 0)))
+  lse, masked_lse, logp = vocab_logsumexps(logits, targets, boundary_mask,
+                                           block_rows=block_rows)
+  path = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))
   boundary = None if masked_lse is None else masked_lse - lse
   return TokenLogProbs(path=path, boundary=boundary)
 

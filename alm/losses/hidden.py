@@ -4,10 +4,13 @@ Source: the auxiliary hidden-state loss of Minixhofer et al., "Universal
 Cross-Tokenizer Distillation via Approximate Likelihood Matching". At the last
 token of each (unconstrained) chunk, for each chosen layer pair (l, l'):
 
-  mean_d (h^T_l[d] - P(h^S_l')[d])^2 / ms_l[d]
+  sum_d (h^T_l[d] - P(h^S_l')[d])^2 / ms_l[d]
 
 where `ms_l[d]` is the teacher's per-channel mean square over the chunks of
-the batch, averaged over chunks and layer pairs. `P` is a learned linear map
+the batch, averaged over chunks and layer pairs. The channels are summed, as
+in SPEC's squared norm `||h^T - P(h^S)||^2` (a mean would shrink the loss,
+and its weight against the ALM loss, by the teacher width): a student that
+outputs zeros scores exactly the teacher width D_T. `P` is a learned linear map
 when the widths differ, the identity otherwise.
 """
 
@@ -93,6 +96,6 @@ def hidden_state_loss(
             / jnp.maximum(count, 1.0))
     else:
       ms = jnp.asarray(channel_mean_square[k], jnp.float32)
-    err = jnp.mean((et - es) ** 2 / jnp.maximum(ms, 1e-12), axis=-1)  # [B,C]
+    err = jnp.sum((et - es) ** 2 / jnp.maximum(ms, 1e-12), axis=-1)  # [B,C]
     total = total + jnp.sum(jnp.where(valid, err, 0.0))
   return LossSum(total=total / len(teacher_hidden), count=count)

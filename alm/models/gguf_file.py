@@ -6,6 +6,11 @@ reader walks the key-value section once, keeps scalars and small arrays,
 records only the length of large string arrays (the tokenizer's pieces, which
 `alm.tokenization.gguf` reads itself), then memory-maps the tensor data and
 dequantizes one tensor at a time with `gguf.quants.dequantize`.
+
+A truncated or corrupt file (an interrupted download) is refused when it is
+opened, with a `GGUFFormatError` naming the file and what is wrong, instead of
+a `struct.error` or a reshape error deep in the loader: every read of the
+header is bounds-checked, and every tensor's data must lie inside the file.
 """
 
 from __future__ import annotations
@@ -23,8 +28,16 @@ _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 1024  # arrays longer than this keep only their length
 
 
-class GGUFFormatError(ValueError):
-  """The file is not a (supported) GGUF file."""
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_FIX = "re-download or re-convert it"
+
+
+class ModelFileError(ValueError):
+  """A model weights file is truncated, corrupt or not what its name says; names the file."""
+
+
+class GGUFFormatError(ModelFileError):
+  """The file is not a (supported) GGUF file, or it is truncated or corrupt."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +81,29 @@ class GGUFFile:
     self.path = Path(path)
     if not self.path.is_file():
       raise FileNotFoundError(f"GGUF file {str(self.path)!r} does not exist.")
+    size = self.path.stat().st_size
+    with open(self.path, "rb") as f:
+      magic = f.read(4)
+    if magic != b"GGUF":
+      raise GGUFFormatError(f"{self.path} is not a GGUF file (magic {magic!r}).")
+    if size < 24:
+      raise GGUFFormatError(f"{self.path}: truncated: {size} bytes, shorter than a GGUF "
+                            f"header; {_FIX}.")
     self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
-    mv = memoryview(self._buf)
-    if bytes(mv[:4]) != b"GGUF":
-      raise GGUFFormatError(f"{self.path} is not a GGUF file (magic {bytes(mv[:4])!r}).")
+    try:
+      self._parse(memoryview(self._buf), size)
+    except (struct.error, OverflowError, MemoryError, UnicodeDecodeError) as e:
+      raise GGUFFormatError(f"{self.path}: truncated or corrupt GGUF header ({e}); "
+                            f"{_FIX}.") from None
+
+  def _parse(self, mv, size: int) -> None:
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mv, 4)
     if version < 2:
       raise GGUFFormatError(f"{self.path}: GGUF version {version} is not supported (need >= 2).")
+    # Each key-value pair and tensor record takes more than 12 bytes.
+    if (n_kv + n_tensors) * 12 > size:
+      raise GGUFFormatError(f"{self.path}: corrupt GGUF header ({n_kv} metadata entries and "
+                            f"{n_tensors} tensors cannot fit in {size} bytes); {_FIX}.")
     pos = 24
     self.metadata: dict[str, Any] = {}
     for _ in range(n_kv):
@@ -86,6 +115,9 @@ class GGUFFile:
     for _ in range(n_tensors):
       name, pos = self._str(mv, pos)
       n_dims, = struct.unpack_from("<I", mv, pos)
+      if n_dims > _MAX_DIMS:
+        raise GGUFFormatError(f"{self.path}: corrupt tensor record {name!r} ({n_dims} "
+                              f"dimensions); {_FIX}.")
       dims = struct.unpack_from(f"<{n_dims}Q", mv, pos + 4)
       pos += 4 + 8 * n_dims
       ggml_type, offset = struct.unpack_from("<IQ", mv, pos)
@@ -94,10 +126,27 @@ class GGUFFile:
     align = int(self.metadata.get("general.alignment", 32))
     start = (pos + align - 1) // align * align
     self.tensors = {n: TensorInfo(n, s, t, start + o) for n, s, t, o in infos}
+    for info in self.tensors.values():
+      end = info.offset + self._nbytes(info)
+      if end > size:
+        raise GGUFFormatError(f"{self.path}: truncated: expected at least {end} bytes (tensor "
+                              f"{info.name!r} ends there), file has {size}; {_FIX}.")
+
+  def _nbytes(self, info: TensorInfo) -> int:
+    import gguf  # pylint: disable=import-outside-toplevel
+    try:
+      block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.ggml_type)]
+    except (ValueError, KeyError):
+      raise GGUFFormatError(f"{self.path}: tensor {info.name!r} has unknown GGML type "
+                            f"{info.ggml_type} (corrupt file, or a newer format); "
+                            f"{_FIX}.") from None
+    return int(np.prod(info.shape, dtype=np.int64)) // block * type_size
 
   @staticmethod
   def _str(mv, pos: int) -> tuple[str, int]:
     n, = struct.unpack_from("<Q", mv, pos)
+    if pos + 8 + n > len(mv):  # a slice past the end would silently come back short
+      raise struct.error(f"a string of {n} bytes at offset {pos} runs past the end of the file")
     return bytes(mv[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
 
   def _value(self, mv, vtype: int, pos: int) -> tuple[Any, int]:

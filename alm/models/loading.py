@@ -9,12 +9,19 @@ GGUF tensors are dequantized to float32 with `gguf.quants.dequantize`; two
 llama.cpp conventions are undone on the way in: llama's Q/K rows are permuted
 for interleaved RoPE (we use rotate-half RoPE, like HF), and Gemma's norm
 weights carry the `+1` that HF applies at run time.
+
+A truncated or corrupt weights file (an interrupted download or copy) raises
+`ModelFileError` naming the file and what is wrong (for safetensors: the
+header is read and every tensor's byte range checked against the file size
+before any tensor is read), not a `struct.error` or reshape traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from alm.models.config import ConfigError, ModelConfig
-from alm.models.gguf_file import GGUFFile
+# ModelFileError is raised here too (truncated safetensors); GGUFFormatError is one.
+from alm.models.gguf_file import GGUFFile, ModelFileError  # pylint: disable=unused-import
 from alm.models.transformer import Transformer, abstract_transformer
 
 PathKey = tuple[Any, ...]
@@ -197,6 +205,8 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32) -
   Raises:
     FileNotFoundError: no such file.
     ConfigError: an architecture alm does not load from GGUF.
+    GGUFFormatError (a `ModelFileError`): not a GGUF file, or truncated or
+      corrupt.
   """
   path = Path(path)
   gf = GGUFFile(path)
@@ -230,6 +240,53 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32) -
 
 # HF directories --------------------------------------------------------------------
 
+_FIX = "re-download or re-convert it"
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                   "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                   "F64": 8}
+
+
+def check_safetensors_file(path: str | Path) -> None:
+  """Checks a .safetensors file's header and that every tensor's bytes lie inside the file.
+
+  Raises:
+    ModelFileError: truncated (names the expected and the actual size) or a
+      corrupt header / tensor record.
+  """
+  f = Path(path)
+  size = f.stat().st_size
+  if size < 8:
+    raise ModelFileError(f"{f}: truncated: {size} bytes, shorter than a safetensors header; "
+                         f"{_FIX}.")
+  with open(f, "rb") as fh:
+    n, = struct.unpack("<Q", fh.read(8))
+    if 8 + n > size:
+      raise ModelFileError(f"{f}: truncated: expected at least {8 + n} bytes (its header alone "
+                           f"is {n}), file has {size}; {_FIX}.")
+    try:
+      header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, ValueError) as e:
+      raise ModelFileError(f"{f}: corrupt safetensors header (not JSON: {e}); {_FIX}.") from None
+  if not isinstance(header, dict):
+    raise ModelFileError(f"{f}: corrupt safetensors header (not a JSON object); {_FIX}.")
+  end = 0
+  for name, rec in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      start, stop = (int(x) for x in rec["data_offsets"])
+      want = math.prod(int(d) for d in rec["shape"]) * _ST_DTYPE_BYTES.get(rec["dtype"], 0)
+    except (KeyError, TypeError, ValueError):
+      raise ModelFileError(f"{f}: corrupt safetensors header (bad record of tensor "
+                           f"{name!r}); {_FIX}.") from None
+    if stop < start or (rec["dtype"] in _ST_DTYPE_BYTES and stop - start != want):
+      raise ModelFileError(f"{f}: corrupt safetensors header: tensor {name!r} spans "
+                           f"{stop - start} bytes, its shape and dtype need {want}; {_FIX}.")
+    end = max(end, stop)
+  if 8 + n + end > size:
+    raise ModelFileError(f"{f}: truncated: expected {8 + n + end} bytes, file has {size}; "
+                         f"{_FIX}.")
+
 
 def load_hf(directory: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Transformer:
   """Loads an HF-format directory (config.json + *.safetensors) into a Transformer.
@@ -246,8 +303,9 @@ def load_hf(directory: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32
     FileNotFoundError: no config.json or no safetensors file.
     ConfigError: the config has a field or value alm does not handle.
     CheckpointError: tensors do not match the config.
+    ModelFileError: a weights file is truncated or corrupt.
   """
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
 
   d = Path(directory)
   cfg_path = d / "config.json"
@@ -267,16 +325,23 @@ def load_hf(directory: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32
   for f in files:
     if not f.is_file():
       raise FileNotFoundError(f"Weights file {str(f)!r} listed in the index does not exist.")
-    with safe_open(str(f), framework="numpy") as sf:
-      for k in sf.keys():
-        where[k] = f
+    check_safetensors_file(f)
+    try:
+      with safe_open(str(f), framework="numpy") as sf:
+        for k in sf.keys():
+          where[k] = f
+    except SafetensorError as e:
+      raise ModelFileError(f"{f}: unreadable safetensors file ({e}); {_FIX}.") from None
   handles: dict[Path, Any] = {}
 
   def get(name: str) -> np.ndarray:
     f = where[name]
-    if f not in handles:
-      handles[f] = safe_open(str(f), framework="numpy")
-    return handles[f].get_tensor(name)
+    try:
+      if f not in handles:
+        handles[f] = safe_open(str(f), framework="numpy")
+      return handles[f].get_tensor(name)
+    except SafetensorError as e:
+      raise ModelFileError(f"{f}: unreadable tensor {name!r} ({e}); {_FIX}.") from None
 
   return model_from_hf_arrays(cfg, get, set(where), dtype=dtype, param_dtype=param_dtype,
                               source=f"HF directory {d.name}")
@@ -364,6 +429,7 @@ def load_model(name_or_path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.f
   Raises:
     FileNotFoundError: missing file or directory contents.
     ConfigError: unsupported GGUF architecture or unknown HF config field.
+    ModelFileError: a weights file is truncated or corrupt (names the file).
   """
   from alm.tokenization.loading import load_tokenizer  # pylint: disable=import-outside-toplevel
 

@@ -192,7 +192,7 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
       tables count as biased.
     bias_tables: an `alm.tokenization.bias.BiasTables` for this tokenizer pair
       (teacher first), for "unbiased".
-    gamma: the bias threshold of "unbiased".
+    gamma: the bias threshold of "unbiased", a probability in (0, 1).
     teacher_tokenizer: used to tell BOS/EOS apart when matching specials, and
       for "space".
     student_tokenizer: same for the student.
@@ -208,6 +208,9 @@ def align(teacher_enc: Encoding, student_enc: Encoding, *,
   """
   if constraint != "unconstrained":
     _check_constraint(constraint)
+  if not 0.0 < gamma < 1.0:  # a probability threshold; also rejects NaN
+    raise ValueError(f"gamma must be a probability threshold in (0, 1), got {gamma}; "
+                     ">= 1 would keep no biased boundary and merge every row into one chunk.")
   t, s = teacher_enc, student_enc
   if t.text != s.text:
     raise AlignmentError(
@@ -430,11 +433,12 @@ def last_token_indices(chunk_ids: np.ndarray, num_chunks: int | None = None) -> 
 
 def align_batch(pairs: Sequence[tuple[Encoding, Encoding]], *, pad_to: tuple[int, int],
                 **kwargs) -> tuple[np.ndarray, np.ndarray]:
-  """Aligns a batch of encoding pairs into padded chunk-id arrays, vectorised over the batch.
+  """Aligns a batch of encoding pairs into padded chunk-id arrays.
 
-  Row `b` equals `align(*pairs[b], **kwargs)` followed by -1 padding (tested),
-  but the whole batch is computed with one set of numpy calls (see
-  `alm.tokenization.batch_alignment`), which is much faster than a loop.
+  Row `b` is `align(*pairs[b], **kwargs)` followed by -1 padding. (One
+  alignment engine: an earlier batch-vectorised copy of `align` was faster
+  per pair only for tiny pairs and duplicated every rule, so it was removed;
+  the data pipeline aligns per document in its workers anyway.)
 
   Args:
     pairs: (teacher_encoding, student_encoding) per example.
@@ -452,5 +456,18 @@ def align_batch(pairs: Sequence[tuple[Encoding, Encoding]], *, pad_to: tuple[int
     AlignmentError: a pair's encodings differ in text or are malformed (the
       message names the pair).
   """
-  from alm.tokenization.batch_alignment import align_batch_vectorized  # pylint: disable=g-import-not-at-top
-  return align_batch_vectorized(pairs, pad_to=pad_to, **kwargs)
+  out_t = np.full((len(pairs), pad_to[0]), -1, np.int32)
+  out_s = np.full((len(pairs), pad_to[1]), -1, np.int32)
+  for i, (t, s) in enumerate(pairs):
+    for side, enc, cap in (("teacher", t, pad_to[0]), ("student", s, pad_to[1])):
+      if len(enc) > cap:
+        raise ValueError(f"Pair {i}: the {side} encoding has {len(enc)} tokens, more than "
+                         f"pad_to={cap}; cut the pair at a common boundary first (the data "
+                         "pipeline does).")
+    try:
+      ct, cs = align(t, s, **kwargs)
+    except AlignmentError as e:
+      raise AlignmentError(f"Pair {i}: {e}") from e
+    out_t[i, :len(ct)] = ct
+    out_s[i, :len(cs)] = cs
+  return out_t, out_s

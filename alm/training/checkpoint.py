@@ -9,8 +9,12 @@ Atomicity: a checkpoint is written into a hidden `.tmp-...` sibling and
 renamed into place only once complete (a rename is atomic on POSIX), so an
 interrupted or failed save never leaves a directory that looks like a
 checkpoint; stale `.tmp-...` directories are removed when a `Checkpointer`
-opens the directory. Restoring refuses a checkpoint whose fingerprint differs
-from the current run's, naming the fields that differ.
+opens the directory, under the directory's run lock (`alm.training.rundir`),
+so a live run's save in progress is never taken for a stale one. An OS error
+while saving (a full disk) removes the temporary and raises one
+`OutputDirError` line; the previous checkpoints are kept. Restoring refuses a
+checkpoint whose fingerprint differs from the current run's, naming the fields
+that differ.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from alm.training.rundir import (OutputDirError, RunLock, describe_os_error, find_os_error,
+                                 quiet_library_errors)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -71,9 +78,13 @@ class Checkpointer:
     self.directory.mkdir(parents=True, exist_ok=True)
     self.fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples -> lists
     self.keep = max(int(keep), 1)
-    for stale in self.directory.glob(".tmp-*"):
-      logging.warning("Removing incomplete checkpoint %s (an interrupted save).", stale)
-      shutil.rmtree(stale, ignore_errors=True)
+    # Only under the directory's lock: a `.tmp-` of a live run is its save in progress.
+    # (Multi-host: process 0 alone holds the run's locks and cleans up.)
+    if jax.process_index() == 0:
+      with RunLock(self.directory, what="checkpoint_dir"):
+        for stale in self.directory.glob(".tmp-*"):
+          logging.warning("Removing incomplete checkpoint %s (an interrupted save).", stale)
+          shutil.rmtree(stale, ignore_errors=True)
 
   def steps(self) -> list[int]:
     """Steps of the complete checkpoints present, ascending."""
@@ -106,6 +117,10 @@ class Checkpointer:
 
     Returns:
       The checkpoint directory.
+
+    Raises:
+      OutputDirError: an OS error (e.g. a full disk) while writing; nothing
+        half-written is left and the previous checkpoints are kept.
     """
     if jax.process_count() > 1:
       # The tmp-dir + rename protocol below is single-writer; several hosts
@@ -118,10 +133,11 @@ class Checkpointer:
     tree = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state)}
     try:
       tmp.mkdir()
-      ckptr = ocp.StandardCheckpointer()
-      ckptr.save(tmp / "state", tree)
-      ckptr.wait_until_finished()
-      ckptr.close()
+      with quiet_library_errors():
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "state", tree)
+        ckptr.wait_until_finished()
+        ckptr.close()
       meta = {"step": int(step), "data_state": data_state, "fingerprint": self.fingerprint,
               "signature": {"trainable": tree_signature(trainable),
                             "opt_state": tree_signature(opt_state)},
@@ -130,9 +146,22 @@ class Checkpointer:
       if final.exists():  # re-saving the same step (e.g. a final save): replace it
         shutil.rmtree(final)
       os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
       shutil.rmtree(tmp, ignore_errors=True)
-      raise
+      os_err = find_os_error(e)
+      if os_err is None:
+        raise
+      kept = self.latest_step()
+      # One line instead of orbax's wrapped tracebacks; the OS error says all there is.
+      raise OutputDirError(
+          f"Could not save the checkpoint of step {step} in {self.directory}: "
+          f"{describe_os_error(os_err)}. Nothing half-written was left; "
+          + (f"the checkpoint {self.path(kept).name} is kept." if kept is not None
+             else "there is no earlier checkpoint.")) from None
+    # Checkpoints of later steps belong to an abandoned run (one restarted with
+    # resume off): left in place, they would be taken for this run's newest.
+    for later in [s for s in self.steps() if s > step]:
+      shutil.rmtree(self.path(later), ignore_errors=True)
     for old in self.steps()[:-self.keep]:
       shutil.rmtree(self.path(old), ignore_errors=True)
     return final
@@ -156,10 +185,19 @@ class Checkpointer:
           diffs.append(f"the {name} parameter shapes differ")
     if diffs:
       shown = "\n  ".join(diffs[:8]) + ("\n  ..." if len(diffs) > 8 else "")
+      hint = ""
+      if any(d.startswith("train_config.steps:") for d in diffs):
+        # The learning-rate schedule (warm-up, then decay to `decay_to` at the
+        # last step) is a function of `steps`: a finished run continued to more
+        # steps would not be the run those steps describe, so it is refused.
+        hint = ("A run cannot be extended to more steps: its learning-rate schedule decays "
+                "to the end of the original steps. ")
       raise CheckpointMismatchError(
           f"The checkpoint {self.path(step)} was written by a different run:\n  {shown}\n"
-          "Resume with the same model, tokenizers, data and training flags, or use a new "
-          "--checkpoint_dir (or drop --resume) to start fresh.")
+          f"{hint}Resume with the same model, tokenizers, data and training flags; or start a "
+          "new run with another --out_dir (or --checkpoint_dir); or pass --noresume "
+          "(RunOptions(resume=False)) to start over in this directory, replacing its "
+          "checkpoints.")
     return meta
 
   def restore(self, step: int, trainable: Any, opt_state: Any) -> tuple[Any, Any, dict]:

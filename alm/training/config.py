@@ -28,6 +28,11 @@ DISTILLATION_METHODS = frozenset({"alm", "alm+sft", "dskd", "mined", "uld"})
 NTP_METHODS = frozenset({"alm+sft", "sft", "dskd", "mined", "uld"})
 
 
+# `alm.losses.alm.MIN_TAU` (= log 2 / -log 2^-126), restated so that option
+# errors come before JAX is imported; a test checks that the two agree.
+MIN_TAU = 1.0 / 126.0
+
+
 class TrainConfigError(ValueError):
   """A training option has an invalid value; the message names the valid ones."""
 
@@ -60,7 +65,7 @@ class TrainConfig:
     tau: ALM temperature.
     constraint: ALM chunk constraint ("unconstrained", "space", "unbiased",
       "boundary_prob").
-    gamma: threshold of the "unbiased"/"boundary_prob" constraints.
+    gamma: threshold of the "unbiased"/"boundary_prob" constraints, in (0, 1).
     debias: outcome-chunk debiasing (SPEC section 3).
     ntp_weight: lambda, the weight of NTP in "alm+sft" (and the baselines).
     lora_rank: LoRA r on attention and MLP (0: no LoRA, body frozen).
@@ -128,12 +133,24 @@ class TrainConfig:
       raise TrainConfigError(f"learning_rate must be a positive number, got {self.learning_rate}.")
     if not 0.0 <= self.decay_to <= 1.0:
       raise TrainConfigError(f"decay_to must be in [0, 1], got {self.decay_to}.")
+    for name in ("learning_rate", "decay_to", "grad_clip", "tau", "ntp_weight",
+                 "lora_alpha"):
+      if not math.isfinite(float(getattr(self, name))):
+        raise TrainConfigError(f"{name} must be a finite number, got {getattr(self, name)}.")
     if self.grad_clip < 0:
       raise TrainConfigError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}.")
     if not (self.tau > 0 and math.isfinite(self.tau)):
       raise TrainConfigError(f"tau must be a finite positive number, got {self.tau}.")
-    if not self.gamma > 0:
-      raise TrainConfigError(f"gamma must be positive, got {self.gamma}.")
+    if self.tau < MIN_TAU:
+      raise TrainConfigError(
+          f"tau={self.tau} is too small: exp(L / tau) underflows float32 even for a chunk of "
+          f"probability 1/2, so the ALM loss would be silently 0; use tau >= {MIN_TAU:.4f} "
+          "(the paper's default is 100).")
+    if not 0.0 < self.gamma < 1.0:  # also rejects NaN
+      raise TrainConfigError(f"gamma must be a probability threshold in (0, 1), got "
+                             f"{self.gamma}.")
+    if self.lora_alpha <= 0:
+      raise TrainConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
     if self.ntp_weight < 0:
       raise TrainConfigError(f"ntp_weight must be >= 0, got {self.ntp_weight}.")
     if not (self.train_embeddings or self.lora_rank or self.projector):

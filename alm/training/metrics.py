@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -33,12 +35,19 @@ class MetricsLogger:
     initial_step: where a resumed run starts.
     progress: show a tqdm progress bar.
     tensorboard: also write TensorBoard event files.
+    keep_until: if given, first rewrite `metrics.jsonl` keeping only the
+      readable records of steps <= this (a resumed run passes its restored
+      step, a fresh run -1), so the file is the uninterrupted run's history.
+      TensorBoard events past it are left: TensorBoard shows the newest
+      event of a step, which the resumed run rewrites.
   """
 
   def __init__(self, out_dir: str | Path, total_steps: int, *, initial_step: int = 0,
-               progress: bool = True, tensorboard: bool = True):
+               progress: bool = True, tensorboard: bool = True, keep_until: int | None = None):
     self.out_dir = Path(out_dir)
     self.out_dir.mkdir(parents=True, exist_ok=True)
+    if keep_until is not None:
+      _truncate_history(self.out_dir / "metrics.jsonl", keep_until)
     self._jsonl = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
@@ -81,16 +90,43 @@ class MetricsLogger:
     self._jsonl.close()
 
 
+def _records(path: Path) -> Iterable[dict[str, Any]]:
+  """The readable records of a metrics.jsonl, warning about torn or foreign lines."""
+  for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+      if isinstance(r, dict) and "step" in r and "kind" in r:
+        yield r
+        continue
+    except json.JSONDecodeError:
+      pass
+    # A run killed mid-write leaves a torn last line; it must not break every later run.
+    warnings.warn(f"{path}:{i}: skipping a torn record (a run killed while writing it?): "
+                  f"{line[:80]!r}", stacklevel=2)
+
+
+def _truncate_history(path: Path, keep_until: int) -> None:
+  if not path.exists():
+    return
+  kept = [r for r in _records(path) if r["step"] <= keep_until]
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+  os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file, whole
+
+
 def read_history(out_dir: str | Path) -> list[dict[str, Any]]:
-  """The records of `metrics.jsonl` (the last record wins for a repeated step and kind)."""
+  """The records of `metrics.jsonl` (the last record wins for a repeated step and kind).
+
+  Unreadable lines (a torn last line of a killed run) are skipped with a warning.
+  """
   p = Path(out_dir) / "metrics.jsonl"
   if not p.exists():
     return []
   by_key: dict[tuple, dict] = {}
-  for line in p.read_text().splitlines():
-    if line.strip():
-      r = json.loads(line)
-      by_key[(r["kind"], r["step"])] = r
+  for r in _records(p):
+    by_key[(r["kind"], r["step"])] = r
   return sorted(by_key.values(), key=lambda r: (r["step"], r["kind"]))
 
 

@@ -29,11 +29,11 @@ std's of teacher quantities over the batch; under gradient accumulation the
 step first computes them over the whole batch (one extra teacher forward per
 micro-batch), so accumulation stays exact.
 
-The "unbiased" chunk constraint is applied where the chunks are made: the data
-pipeline aligns every document with the bias tables
-(`alm.align(..., constraint="unbiased", bias_tables=...)`), and the step's
-ALM loss then treats those already-merged chunks as unconstrained
-(`device_constraint`).
+The "space" and "unbiased" chunk constraints are applied where the chunks are
+made: the data pipeline aligns every document with them (`alm.align(...,
+constraint="unbiased", bias_tables=...)`), and the step's ALM loss then
+treats those already-merged chunks as unconstrained (`device_constraint`);
+"boundary_prob" needs the teacher's probabilities and is applied by the loss.
 
 Multi-device: the batch is sharded over the mesh's data (and fsdp) axes and
 the parameters by their logical axes (`alm.models.sharding`); the step is
@@ -66,7 +66,7 @@ from alm.training.model import TransferModel, trainable_filter
 
 BATCH_KEYS = tuple(f"{side}_{f}" for side in ("teacher", "student")
                    for f in ("ids", "chunk_ids", "loss_mask", "segment_ids", "positions",
-                             "num_bytes"))
+                             "num_bytes", "text_continues"))
 
 
 class MethodNotAvailableError(NotImplementedError):
@@ -125,8 +125,14 @@ def pipeline_constraint(cfg: TrainConfig) -> str:
 
 
 def device_constraint(cfg: TrainConfig) -> str:
-  """The `ALMConfig.constraint` of the step ("unbiased" chunks come merged from the pipeline)."""
-  return "unconstrained" if cfg.constraint == "unbiased" else cfg.constraint
+  """The `ALMConfig.constraint` of the step.
+
+  One implementation per constraint: "space" and "unbiased" need only the
+  tokens (and the bias tables), so `alm.align` applies them where the chunks
+  are made and they reach the step already merged ("unconstrained" here);
+  "boundary_prob" needs the teacher's probabilities, so the loss applies it.
+  """
+  return "boundary_prob" if cfg.constraint == "boundary_prob" else "unconstrained"
 
 
 def make_consts(cfg: TrainConfig, teacher_tok, student_tok) -> dict[str, np.ndarray]:
@@ -220,10 +226,12 @@ def compute_losses(model: TransferModel, batch: dict[str, jax.Array], consts: di
                                   debias=cfg.debias)
     teacher = alm_loss_lib.Side(
         logits=t_out.logits, ids=batch["teacher_ids"], chunk_ids=batch["teacher_chunk_ids"],
-        loss_mask=batch["teacher_loss_mask"], boundary_mask=consts["teacher_boundary"])
+        loss_mask=batch["teacher_loss_mask"], boundary_mask=consts["teacher_boundary"],
+        segment_ids=batch["teacher_segment_ids"], text_continues=batch["teacher_text_continues"])
     student = alm_loss_lib.Side(
         logits=s_out.logits, ids=s_ids, chunk_ids=batch["student_chunk_ids"],
-        loss_mask=batch["student_loss_mask"], boundary_mask=consts["student_boundary"])
+        loss_mask=batch["student_loss_mask"], boundary_mask=consts["student_boundary"],
+        segment_ids=batch["student_segment_ids"], text_continues=batch["student_text_continues"])
     out["alm"] = alm_loss_lib.alm_loss(teacher, student, acfg)
   if "dskd" in terms:
     out["dskd"] = dskd_lib.dskd_loss(
@@ -365,9 +373,17 @@ class Stepper:
       scale = w / jnp.maximum(cnt_sum, 1.0)
       grads = jax.tree.map(lambda *gs: sum(s * g for s, g in zip(scale, gs)), *g_terms)
     means = tot_sum / jnp.maximum(cnt_sum, 1.0)
-    updates, opt_state = self.tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": jnp.sum(w * means), "grad_norm": optax.global_norm(grads)}
+    loss, grad_norm = jnp.sum(w * means), optax.global_norm(grads)
+    updates, new_opt_state = self.tx.update(grads, opt_state, trainable)
+    # A non-finite loss or gradient (or an update that overflows) must not reach the
+    # parameters or Adam's moments: such a step keeps both as they were. The
+    # optimizer's own step count stays too, so its schedule resumes where it was.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jnp.where(ok, new, old)
+    trainable = jax.tree.map(keep, optax.apply_updates(trainable, updates), trainable)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "skipped_nonfinite": 1.0 - ok.astype(jnp.float32)}
     for k, name in enumerate(terms):
       metrics[f"loss_{name}"] = means[k]
       metrics[f"count_{name}"] = cnt_sum[k]

@@ -14,7 +14,19 @@ Resuming: with `resume=True` and a checkpoint in `checkpoint_dir`, `fit`
 restores the trainable parameters, the optimizer state, the data iterator and
 the step, after checking that the checkpoint belongs to this run; the rest of
 the run is then the same as if it had never stopped. A run interrupted between
-checkpoints resumes from the last complete one.
+checkpoints resumes from the last complete one, and `metrics.jsonl` is cut back
+to the restored step so that it holds the uninterrupted run's history.
+
+One run per directory: a `Trainer` holds the run locks of `out_dir` and the
+checkpoint directory (`alm.training.rundir.RunLock`) from construction until
+`fit` returns (or `close()`); a second run on them is refused at once, naming
+the holder.
+
+Non-finite steps: a step whose loss or gradient is not finite is not applied
+(the step returns `skipped_nonfinite` = 1 and leaves the parameters and the
+optimizer state as they were). Each is logged; `max_nonfinite_steps`
+consecutive ones stop the run with `NonFiniteTrainingError`, and no checkpoint
+is written while such a streak lasts, so the last checkpoint is a good one.
 """
 
 from __future__ import annotations
@@ -36,9 +48,10 @@ from alm.tokenization.base import ByteTokenizer
 from alm.training import step as step_lib
 from alm.training.checkpoint import Checkpointer
 from alm.training.config import TrainConfig
-from alm.training.metrics import MetricsLogger, write_report
+from alm.training.metrics import MetricsLogger, read_history, write_report
 from alm.training.model import TransferModel, count_params
 from alm.training.optim import learning_rate_schedule, make_optimizer
+from alm.training.rundir import RunLock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +73,9 @@ class RunOptions:
     tensorboard: write TensorBoard events.
     stop_after: stop after this many total steps without the end-of-run
       evaluation and save (simulates an interruption; for tests).
+    max_nonfinite_steps: stop with `NonFiniteTrainingError` after this many
+      consecutive steps with a non-finite loss or gradient (each is skipped,
+      not applied).
   """
 
   out_dir: str
@@ -72,6 +88,21 @@ class RunOptions:
   progress: bool = True
   tensorboard: bool = True
   stop_after: int | None = None
+  max_nonfinite_steps: int = 10
+
+  def __post_init__(self):
+    # A bad value would otherwise surface minutes into the run (log_every=0: a
+    # ZeroDivisionError after the first evaluation).
+    for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("eval_every", 0),
+                      ("log_every", 1), ("max_nonfinite_steps", 1)):
+      if int(getattr(self, name)) < low:
+        raise ValueError(f"RunOptions.{name} must be >= {low}, got {getattr(self, name)}.")
+    if self.stop_after is not None and self.stop_after < 0:
+      raise ValueError(f"RunOptions.stop_after must be None or >= 0, got {self.stop_after}.")
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """`max_nonfinite_steps` consecutive steps had a non-finite loss or gradient."""
 
 
 def _json_safe(x: Any) -> Any:
@@ -137,9 +168,9 @@ class Trainer:
     data_cfg = getattr(train_data, "cfg", None)
     want = step_lib.pipeline_constraint(cfg)
     got = getattr(data_cfg, "align_constraint", None)
-    if got is not None and (got == "unbiased") != (want == "unbiased"):
-      # "unbiased" chunks are merged by the pipeline only (the step treats them as
-      # unconstrained), so a mismatch would silently train on the wrong chunks.
+    if got is not None and got != want:
+      # "space" / "unbiased" chunks are merged by the pipeline only (the step treats
+      # them as unconstrained), so a mismatch would silently train on the wrong chunks.
       raise ValueError(
           f"The training data is aligned with constraint={got!r}, but method={cfg.method!r} "
           f"with constraint={cfg.constraint!r} needs {want!r} chunks from the pipeline: "
@@ -167,11 +198,31 @@ class Trainer:
     ckdir = opts.checkpoint_dir
     if ckdir is None:
       ckdir = str(Path(opts.out_dir) / "checkpoints")
+    # Before the Checkpointer: it removes stale save temporaries, which must be ours.
+    # Multi-host: process 0 holds them (the directories may be shared).
+    self._locks = []
+    if jax.process_index() == 0:
+      self._locks = [RunLock(d, what=w) for w, d in (("out_dir", opts.out_dir),
+                                                     ("checkpoint_dir", ckdir)) if d]
+    self._lock()
     self.checkpointer = (Checkpointer(ckdir, self.fingerprint, keep=opts.keep_checkpoints)
                          if ckdir else None)
     st = self.stepper.state
     logging.info("Trainable parameters: %d (frozen: %d)", count_params(st.trainable),
                  count_params(st.frozen))
+
+  def _lock(self) -> None:
+    try:
+      for lock in self._locks:
+        lock.acquire()
+    except BaseException:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    """Releases the run's directories (`fit` does it when it returns)."""
+    for lock in reversed(self._locks):
+      lock.release()
 
   def _put_eval(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     n = next(iter(batch.values())).shape[0]
@@ -238,18 +289,49 @@ class Trainer:
     st = self.stepper.state
     self.checkpointer.save(st.step, st.trainable, st.opt_state, self.data.state(), extra)
 
+  def _skipped_documents(self) -> dict[str, int]:
+    # Cumulative over a resumed run: the count is part of the data state in checkpoints.
+    n = getattr(self.data, "num_skipped", None)
+    return {} if n is None else {"skipped_documents": int(n)}
+
+  def _nonfinite_error(self, last_bad: int) -> NonFiniteTrainingError:
+    k = self.opts.max_nonfinite_steps
+    latest = self.checkpointer.latest_step() if self.checkpointer is not None else None
+    kept = (f"the last checkpoint, of step {latest} ({self.checkpointer.path(latest)}), is kept"
+            if latest is not None else "no checkpoint was written")
+    return NonFiniteTrainingError(
+        f"{k} consecutive steps (steps {last_bad - k + 1}-{last_bad}) had a non-finite loss or "
+        f"gradient; they were not applied to the parameters. Stopped at step "
+        f"{self.stepper.state.step}; {kept}. Lower the learning rate, check the data, or allow "
+        "longer streaks (--max_nonfinite_steps, RunOptions.max_nonfinite_steps).")
+
   def fit(self) -> dict[str, Any]:
     """Trains to `cfg.steps` (resuming if possible); returns the summary.
 
     Returns:
       A dict with the teacher's, the FVT-initialised and the final student's
-      held-out bits per byte, the steps, wall time and throughput.
+      held-out bits per byte, the steps, wall time, throughput and the number
+      of skipped non-finite steps; `skipped_documents` (cumulative over resumes)
+      when the data pipeline counts the bad documents it skipped.
+
+    Raises:
+      NonFiniteTrainingError: `max_nonfinite_steps` consecutive non-finite steps.
     """
+    self._lock()
+    try:
+      return self._fit()
+    finally:
+      self.close()
+
+  def _fit(self) -> dict[str, Any]:
     t_start = time.time()
     st = self.stepper.state
     meta = self._restore()
+    # The history is cut back to the restored step (a fresh run: emptied), so records
+    # of steps that are about to be redone, or of an abandoned run, do not linger.
     logger = MetricsLogger(self.opts.out_dir, self.cfg.steps, initial_step=st.step,
-                           progress=self.opts.progress, tensorboard=self.opts.tensorboard)
+                           progress=self.opts.progress, tensorboard=self.opts.tensorboard,
+                           keep_until=st.step if meta is not None else -1)
     try:
       if meta is not None:
         base = dict(meta["extra"])
@@ -259,6 +341,7 @@ class Trainer:
         logger.log(0, "eval", ev)
       last_t, last_step, tokens = time.time(), st.step, 0
       pending: list[tuple[int, dict]] = []
+      streak, last_bad = 0, None  # consecutive non-finite steps, as last fetched
       end = self.cfg.steps if self.opts.stop_after is None else min(self.cfg.steps,
                                                                     self.opts.stop_after)
       while st.step < end:
@@ -266,8 +349,11 @@ class Trainer:
         tokens += int((np.asarray(batch["student_segment_ids"]) > 0).sum())
         lr = float(self.schedule(st.step))
         metrics = self.stepper.step(batch)
-        pending.append((st.step, {**metrics, "learning_rate": lr}))
-        if st.step % self.opts.log_every == 0 or st.step == end:
+        pending.append((st.step, {**metrics, "learning_rate": lr, **self._skipped_documents()}))
+        save_now = (self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0
+                    and st.step < self.cfg.steps)
+        # Fetched before a save too: a checkpoint is written only outside a non-finite streak.
+        if st.step % self.opts.log_every == 0 or st.step == end or save_now:
           jax.block_until_ready(metrics)
           now = time.time()
           rate = tokens / max(now - last_t, 1e-9)
@@ -276,12 +362,20 @@ class Trainer:
             vals["student_tokens_per_s"] = rate
             vals["steps_per_s"] = (st.step - last_step) / max(now - last_t, 1e-9)
             logger.log(s, "train", {**vals, "tokens_per_s": rate})
+            streak = streak + 1 if vals.get("skipped_nonfinite") else 0
+            if streak >= self.opts.max_nonfinite_steps and last_bad is None:
+              last_bad = s
           pending, last_t, last_step, tokens = [], now, st.step, 0
+          if last_bad is not None:
+            raise self._nonfinite_error(last_bad)
         if self.opts.eval_every and st.step % self.opts.eval_every == 0 and st.step < end:
           logger.log(st.step, "eval", self.evaluate())
-        if (self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0
-            and st.step < self.cfg.steps):
-          self._save(base)
+        if save_now:
+          if streak:
+            logging.warning("Step %d: no checkpoint during a streak of %d non-finite steps.",
+                            st.step, streak)
+          else:
+            self._save(base)
       if self.opts.stop_after is not None and st.step < self.cfg.steps:
         return {"stopped_at": st.step}
       ev = self.evaluate()
@@ -289,7 +383,10 @@ class Trainer:
       self._save(base)
     finally:
       logger.close()
-    summary = {"method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed}
+    summary = {"method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed,
+               "skipped_nonfinite_steps": int(sum(
+                   r.get("skipped_nonfinite", 0) for r in read_history(self.opts.out_dir)
+                   if r["kind"] == "train"))}
     for suffix in ("", *(f"@{k}" for k in self.extra_eval)):
       teacher, init = base[f"teacher_bpb{suffix}"], base[f"init_student_bpb{suffix}"]
       gap0 = init - teacher
@@ -298,7 +395,8 @@ class Trainer:
           f"final_student_bpb{suffix}": ev[f"student_bpb{suffix}"],
           f"gap_closed{suffix}": (init - ev[f"student_bpb{suffix}"]) / gap0 if gap0
                                  else float("nan")})
-    summary.update({"wall_s": time.time() - t_start, **self.summary_extra})
+    summary.update({"wall_s": time.time() - t_start, **self._skipped_documents(),
+                    **self.summary_extra})
     write_report(self.opts.out_dir, summary,
                  title=f"Tokenizer transfer ({self.cfg.method}, {st.step} steps)")
     (Path(self.opts.out_dir) / "summary.json").write_text(json.dumps(_json_safe(summary),

@@ -15,6 +15,7 @@ naming the problem.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -62,6 +63,15 @@ class TransferJob:
       is the student's divergence from the teacher, not domain fit); 0: off.
       Sampled once, then read from the cache.
     teacher_sample_tokens: tokens sampled per teacher text.
+    text_field: the JSONL key / parquet column of the text, in the training
+      and every held-out set.
+    bad_documents: a document a tokenizer cannot spell exactly: "skip" it
+      (counted in the metrics and the summary, the first reasons logged; a
+      long run finishes) or "error" (raise naming it; data small enough to
+      scan, see `alm.data.pipeline.check_documents`, is checked before the
+      model loads).
+    text_normalization: "auto" (NFC when either tokenizer NFC-normalizes),
+      "nfc" or "none"; see `alm.data.pipeline.PipelineConfig`.
   """
 
   model: str = "smollm2-135m-instruct"
@@ -77,8 +87,22 @@ class TransferJob:
   bias_tables: str = ""
   teacher_samples: int = 0
   teacher_sample_tokens: int = 128
+  text_field: str = "text"
+  bad_documents: str = "skip"
+  text_normalization: str = "auto"
 
   def __post_init__(self):
+    from alm.data import pipeline  # pylint: disable=import-outside-toplevel
+    for name, valid in (("bad_documents", pipeline.BAD_DOCUMENTS),
+                        ("text_normalization", pipeline.TEXT_NORMALIZATIONS)):
+      if getattr(self, name) not in valid:
+        raise ValueError(f"Unknown {name} {getattr(self, name)!r}; valid values: "
+                         f"{', '.join(valid)}.")
+    if not self.text_field:
+      raise ValueError("text_field must be a non-empty field name.")
+    for name, low in (("eval_batches", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(f"TransferJob.{name} must be >= {low}, got {getattr(self, name)}.")
     if self.teacher_samples < 0 or self.teacher_sample_tokens < 8:
       raise ValueError(f"teacher_samples must be >= 0 and teacher_sample_tokens >= 8, got "
                        f"{self.teacher_samples} and {self.teacher_sample_tokens}.")
@@ -187,7 +211,9 @@ def _pipeline_config(cfg: TrainConfig, job: TransferJob, *, eval_: bool = False)
   if eval_:
     return PipelineConfig(batch_size=job.eval_batch_size, teacher_len=cfg.teacher_len,
                           student_len=cfg.student_len, mode="pad", shuffle=False, num_epochs=1,
-                          seed=0, align_constraint="unconstrained")
+                          seed=0, align_constraint="unconstrained",
+                          bad_documents=job.bad_documents,
+                          text_normalization=job.text_normalization)
   import jax  # pylint: disable=import-outside-toplevel
   n_proc = jax.process_count()
   if cfg.batch_size % n_proc:
@@ -197,9 +223,78 @@ def _pipeline_config(cfg: TrainConfig, job: TransferJob, *, eval_: bool = False)
   return PipelineConfig(batch_size=cfg.batch_size // n_proc, teacher_len=cfg.teacher_len,
                         student_len=cfg.student_len, mode="pack" if job.pack else "pad",
                         seed=cfg.seed, num_workers=job.num_workers, align_constraint=align,
-                        shard_index=jax.process_index(), shard_count=n_proc)
+                        shard_index=jax.process_index(), shard_count=n_proc,
+                        bad_documents=job.bad_documents,
+                        text_normalization=job.text_normalization)
 
 
+def _check_documents_early(job: TransferJob, cfg: TrainConfig, student_tok,
+                           sources: dict[str, Any]) -> None:
+  """Under bad_documents="error": finds a bad document in seconds, before the model loads.
+
+  Only data small enough to scan quickly is checked (`check_documents`); larger
+  data raises when the document is reached.
+  """
+  # pylint: disable=import-outside-toplevel
+  from alm.data.pipeline import check_documents
+  from alm.tokenization.loading import load_tokenizer
+  teacher_tok = load_tokenizer(job.model)  # the model's own tokenizer, without its weights
+  pcfg = _pipeline_config(cfg, job, eval_=True)
+  for what, src in sources.items():
+    t0 = time.time()
+    n = check_documents(src, teacher_tok, student_tok, pcfg)
+    if n is None:
+      logging.info("%s: too large to check before training; a document that cannot be "
+                   "tokenized stops the run when it is reached.", what)
+    else:
+      logging.info("%s: all %d documents tokenize (%.1fs).", what, n, time.time() - t0)
+
+
+# The run locks `_hold_output_dirs` took in the current `run_transfer` call.
+_RUN_LOCKS: contextvars.ContextVar[list | None] = contextvars.ContextVar("_RUN_LOCKS",
+                                                                         default=None)
+
+
+def _releasing_run_locks(fn):
+  """Releases the locks `fn` took with `_hold_output_dirs` when it returns or raises."""
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    held: list = []
+    token = _RUN_LOCKS.set(held)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _RUN_LOCKS.reset(token)
+      for lock in reversed(held):
+        lock.release()
+  return wrapper
+
+
+def _hold_output_dirs(job: TransferJob, opts: RunOptions, command: str | None) -> None:
+  """Checks that every output can be written, then takes the run's directory locks.
+
+  Done before the model loads: an unwritable --export_dir used to be found
+  only after training, and a second run on a live directory only after
+  loading.
+  """
+  from alm.training.rundir import RunLock, check_writable  # pylint: disable=import-outside-toplevel
+  ckdir = opts.checkpoint_dir
+  if ckdir is None:
+    ckdir = str(Path(opts.out_dir) / "checkpoints")
+  for flag, d in (("--out_dir", opts.out_dir), ("--checkpoint_dir", ckdir),
+                  ("--export_dir", job.export_dir)):
+    if d:
+      check_writable(d, flag)
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return  # multi-host: process 0 holds the run's locks (the directories may be shared)
+  held = _RUN_LOCKS.get()
+  for what, d in (("out_dir", opts.out_dir), ("checkpoint_dir", ckdir)):
+    if d:
+      held.append(RunLock(d, what=what, command=command).acquire())
+
+
+@_releasing_run_locks
 def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
                  command: str | None = None) -> dict[str, Any]:
   """Loads the teacher, builds the FVT student, trains it, evaluates and exports.
@@ -221,9 +316,15 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
       this tokenizer pair.
     alm.training.checkpoint.CheckpointMismatchError: `resume` found a
       checkpoint of another run.
+    alm.training.rundir.OutputDirError: an output directory is held by
+      another live run (`RunDirectoryLockedError`), cannot be written, or the
+      disk filled up while saving a checkpoint or the export.
+    alm.models.loading.ModelFileError: the model file is truncated or corrupt.
+    alm.training.trainer.NonFiniteTrainingError: the loss or gradient stayed
+      non-finite for `opts.max_nonfinite_steps` steps.
   """
   # pylint: disable=import-outside-toplevel
-  from alm.data.pipeline import Pipeline
+  from alm.data.pipeline import Pipeline, resolve_text_normalization
   from alm.data.sources import open_source
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
@@ -238,9 +339,15 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
     logging.warning("Ignoring bias_tables=%s: only constraint='unbiased' with an ALM method "
                     "uses them.", job.bias_tables)
   student_tok = load_tokenizer(job.target_tokenizer)
-  train_src = open_source(job.data)
-  heldout_src = open_source(job.heldout_data)
-  extra_srcs = {label: open_source(spec) for label, spec in job.extra_heldout}
+  train_src = open_source(job.data, text_field=job.text_field)
+  heldout_src = open_source(job.heldout_data, text_field=job.text_field)
+  extra_srcs = {label: open_source(spec, text_field=job.text_field)
+                for label, spec in job.extra_heldout}
+  if job.bad_documents == "error":
+    _check_documents_early(job, cfg, student_tok,
+                           {"--data": train_src, "--heldout_data": heldout_src,
+                            **{f"--extra_heldout={k}": v for k, v in extra_srcs.items()}})
+  _hold_output_dirs(job, opts, command)  # released when run_transfer returns or raises
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   teacher, teacher_tok = load_model(job.model, dtype=dtype)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
@@ -253,8 +360,13 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
     extra_specs[TEACHER_LABEL] = str(path)
     extra_srcs[TEACHER_LABEL] = open_source(str(path))
     logging.info("Teacher-sampled held-out set: %s", path)
+  # The normalization changes the text of some documents, so a resume must use the same.
   fingerprint = {"model": job.model, "target_tokenizer": job.target_tokenizer,
-                 "data": job.data, "pack": job.pack}
+                 "data": job.data, "pack": job.pack,
+                 "text_normalization": resolve_text_normalization(job.text_normalization,
+                                                                  teacher_tok, student_tok)}
+  if job.text_field != "text":
+    fingerprint["text_field"] = job.text_field
   align_fn = None
   if needs_bias_tables(cfg):
     tables = load_bias_tables(job, teacher_tok, student_tok)
@@ -265,18 +377,26 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer, time.time() - t0)
   train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job),
                    align_fn=align_fn)
-  heldout = take_batches(Pipeline(heldout_src, teacher_tok, student_tok,
-                                  _pipeline_config(cfg, job, eval_=True)), job.eval_batches)
+  skipped_heldout = {}
+
+  def heldout_batches(src, n, suffix):
+    # Held-out batches are the first ones in file order, so the skipped ones are fixed too.
+    pipe = Pipeline(src, teacher_tok, student_tok, _pipeline_config(cfg, job, eval_=True))
+    batches = take_batches(pipe, n)
+    skipped_heldout[f"skipped_heldout_documents{suffix}"] = pipe.num_skipped
+    return batches
+
+  heldout = heldout_batches(heldout_src, job.eval_batches, "")
   # The teacher-sampled set is scored whole; other sets like the main one.
   n_batches = {label: job.eval_batches for label in extra_srcs}
   if job.teacher_samples:
     n_batches[TEACHER_LABEL] = -(-job.teacher_samples // job.eval_batch_size)
-  extra_eval = {label: take_batches(Pipeline(src, teacher_tok, student_tok,
-                                             _pipeline_config(cfg, job, eval_=True)),
-                                    n_batches[label])
+  extra_eval = {label: heldout_batches(src, n_batches[label], f"@{label}")
                 for label, src in extra_srcs.items()}
   extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
-           "heldout": job.heldout_data, "heldout_rows": len(heldout) * job.eval_batch_size}
+           "heldout": job.heldout_data, "heldout_rows": len(heldout) * job.eval_batch_size,
+           # The main set's count always; another set's only when it skipped any.
+           **{k: v for k, v in skipped_heldout.items() if v or "@" not in k}}
   for label, spec in extra_specs.items():
     extra[f"heldout@{label}"] = spec
   if command:
@@ -288,7 +408,11 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   finally:
     train.close()
   if job.export_dir and "stopped_at" not in summary:
-    d = export_student(trainer.model(), job.export_dir, student_tok)
+    from alm.training.rundir import atomic_directory  # pylint: disable=import-outside-toplevel
+    # Written aside and renamed into place: a half-written export never looks valid.
+    with atomic_directory(job.export_dir, "--export_dir") as tmp:
+      export_student(trainer.model(), tmp, student_tok)
+    d = Path(job.export_dir)
     summary["export_dir"] = str(d)
     logging.info("Exported the student to %s", d)
   summary["total_wall_s"] = time.time() - t0
@@ -301,7 +425,7 @@ def format_summary(summary: dict[str, Any]) -> str:
   for sfx in heldout_suffixes(summary, "gap_closed"):
     keys += [f"{k}{sfx}" for k in ("teacher_bpb", "init_student_bpb", "final_student_bpb",
                                    "gap_closed")]
-  keys += ["total_wall_s", "export_dir"]
+  keys += ["skipped_documents", "skipped_heldout_documents", "total_wall_s", "export_dir"]
   lines = []
   for k in keys:
     if k in summary:
