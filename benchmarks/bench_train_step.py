@@ -112,8 +112,11 @@ def main(argv):
   for m, r in res.items():
     print(f"| {m} | {r['step_wall_s']:.2f} | {r['step_cpu_s']:.2f} | "
           f"{r['peak_bytes'] / 2**20:.0f} | {r['temp_size_in_bytes'] / 2**20:.0f} |")
-  print(f"| ALM / SFT | {ratios['step_wall']:.2f} | {ratios['step_cpu']:.2f} | "
-        f"{ratios['peak_memory']:.2f} | {ratios['temp_memory']:.2f} |")
+  print(f"\n| ratio over {base} | step wall | step CPU | peak memory | temp memory |\n"
+        "|---|---|---|---|---|")
+  for m, r in ratios.items():
+    print(f"| {m} / {base} | {r['step_wall']:.2f} | {r['step_cpu']:.2f} | "
+          f"{r['peak_memory']:.2f} | {r['temp_memory']:.2f} |")
 
 
 if __name__ == "__main__":
