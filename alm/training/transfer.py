@@ -15,7 +15,6 @@ naming the problem.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -250,32 +249,13 @@ def _check_documents_early(job: TransferJob, cfg: TrainConfig, student_tok,
       logging.info("%s: all %d documents tokenize (%.1fs).", what, n, time.time() - t0)
 
 
-# The run locks `_hold_output_dirs` took in the current `run_transfer` call.
-_RUN_LOCKS: contextvars.ContextVar[list | None] = contextvars.ContextVar("_RUN_LOCKS",
-                                                                         default=None)
-
-
-def _releasing_run_locks(fn):
-  """Releases the locks `fn` took with `_hold_output_dirs` when it returns or raises."""
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    held: list = []
-    token = _RUN_LOCKS.set(held)
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      _RUN_LOCKS.reset(token)
-      for lock in reversed(held):
-        lock.release()
-  return wrapper
-
-
-def _hold_output_dirs(job: TransferJob, opts: RunOptions, command: str | None) -> None:
+def _hold_output_dirs(job: TransferJob, opts: RunOptions, command: str | None,
+                      held: list) -> None:
   """Checks that every output can be written, then takes the run's directory locks.
 
   Done before the model loads: an unwritable --export_dir used to be found
   only after training, and a second run on a live directory only after
-  loading.
+  loading. The locks taken are appended to `held` (the caller releases them).
   """
   from alm.training.rundir import RunLock, check_writable  # pylint: disable=import-outside-toplevel
   ckdir = opts.checkpoint_dir
@@ -288,13 +268,11 @@ def _hold_output_dirs(job: TransferJob, opts: RunOptions, command: str | None) -
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return  # multi-host: process 0 holds the run's locks (the directories may be shared)
-  held = _RUN_LOCKS.get()
   for what, d in (("out_dir", opts.out_dir), ("checkpoint_dir", ckdir)):
     if d:
       held.append(RunLock(d, what=what, command=command).acquire())
 
 
-@_releasing_run_locks
 def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
                  command: str | None = None) -> dict[str, Any]:
   """Loads the teacher, builds the FVT student, trains it, evaluates and exports.
@@ -323,6 +301,16 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
     alm.training.trainer.NonFiniteTrainingError: the loss or gradient stayed
       non-finite for `opts.max_nonfinite_steps` steps.
   """
+  held: list = []  # the run's directory locks, released however the run ends
+  try:
+    return _run_transfer(job, cfg, opts, command, held)
+  finally:
+    for lock in reversed(held):
+      lock.release()
+
+
+def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command: str | None,
+                  held: list) -> dict[str, Any]:
   # pylint: disable=import-outside-toplevel
   from alm.data.pipeline import Pipeline, resolve_text_normalization
   from alm.data.sources import open_source
@@ -347,7 +335,7 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
     _check_documents_early(job, cfg, student_tok,
                            {"--data": train_src, "--heldout_data": heldout_src,
                             **{f"--extra_heldout={k}": v for k, v in extra_srcs.items()}})
-  _hold_output_dirs(job, opts, command)  # released when run_transfer returns or raises
+  _hold_output_dirs(job, opts, command, held)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   teacher, teacher_tok = load_model(job.model, dtype=dtype)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
