@@ -9,10 +9,16 @@ shows the step's own increase, peak minus before. It also shows XLA's
 compiled `memory_analysis()` temporary bytes (buffers beyond arguments and
 outputs). Every loss is timed as value-and-gradient with
 respect to the student logits (the teacher is frozen); "ce_teacher" is the
-teacher's own plain cross-entropy, value and gradient.
+teacher's own plain cross-entropy, value and gradient. "uld" runs ULD with
+its default `top_k`; "uld_exact" sorts the whole vocabularies and
+"uld_top<K>" (e.g. uld_top1024) sorts the K largest probabilities per side;
+their times are also shown as ratios to uld_exact's.
 
   .venv/bin/python -m benchmarks.bench_losses --batch 8 --seq 512 \
       --teacher-vocab 262144 --student-vocab 262144
+  .venv/bin/python -m benchmarks.bench_losses --batch 2 --seq 128 \
+      --teacher-vocab 49152 --student-vocab 151936 \
+      --losses ce_both,uld_exact,uld_top1024,uld_top4096
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax.numpy as jnp
 
 LOSSES = ("ce_teacher", "ce_student", "ce_both", "alm", "alm_boundary_prob", "ntp",
           "uld", "mined")
-OPTIONAL = ("alm_tv",)
+OPTIONAL = ("alm_tv", "uld_exact", "uld_top<K>")
 
 
 def _hash_logits(seed, shape, dtype, spread=6.0):
@@ -131,9 +137,16 @@ def _run_one(name, b, t, vt, vs, dtype, repeats):
       return alm_lib.alm_loss(teacher, student, config).mean()
 
     args = (ls, (lt, ids_t, ids_s, cid, mask_t, mask_s))
-  elif name == "uld":
+  elif name == "uld" or name.startswith("uld_"):
+    kw = {}
+    if name == "uld_exact":
+      kw["top_k"] = None
+    elif name.startswith("uld_top"):
+      kw["top_k"] = int(name[len("uld_top"):])
+    elif name != "uld":
+      raise ValueError(name)
     fn = lambda x, aux: baselines.uld_loss(aux[0], aux[1], None, x, aux[2],
-                                           None).mean()
+                                           None, **kw).mean()
     args = (ls, (lt, ids_t, ids_s))
   elif name == "mined":
     fn = lambda x, aux: baselines.mined_loss(aux[0], aux[1], aux[3], x,
@@ -263,6 +276,14 @@ def _print_table(rows):
           f"{fmt(r['step_rss_gib'])} | {fmt(r['xla_temp_gib'])} |")
   gen = next((r["gen_temp_gib"] for r in rows if "gen_temp_gib" in r), None)
   print(f"(ratios to {base}; logits generator's XLA temp: {fmt(gen)} GiB)")
+  if "uld_exact" in by_name:
+    exact = by_name["uld_exact"]
+    print("ULD time / uld_exact's (value: relative difference to uld_exact's):")
+    for r in rows:
+      if r["loss"].startswith("uld") and r["loss"] in by_name:
+        rel = (r["value"] - exact["value"]) / exact["value"]
+        print(f"  {r['loss']}: {r['time_s'] / exact['time_s']:.3f}x "
+              f"(value {rel:+.1e})")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
-"""Train-step time and memory of ALM against SFT on the same model and batch.
+"""Train-step time and memory of every method against SFT, for both kinds of student.
 
   python -m benchmarks.bench_train_step [--model=smollm2-135m-instruct --target=qwen3 \\
       --batch_size=2 --length=128 --repeats=3 --num_layers=0]
+  python -m benchmarks.bench_train_step --model=gemma3-270m --student=smollm2-135m-instruct
 
-Both methods train the same parameters (FVT embeddings + LoRA r=64) on the
-same batch; ALM also runs the teacher's forward pass (LoRA off) and the chunk
+Without --student the student shares the teacher's body (tokenizer transfer:
+FVT embeddings for --target + LoRA); with --student it is that separate model
+with its own tokenizer (large-to-small distillation; LoRA with --lora_rank > 0,
+else full fine-tuning). Every method trains the same parameters on the same
+batch; the distillation methods also run the teacher's forward pass and their
 loss, SFT only the student's next-token loss. Reported per method:
   * step time: median over `--repeats` timed steps after one warm-up step,
     wall clock and process CPU time (CPU time is steadier on a shared machine);
+  * FLOPs: XLA's cost analysis of the compiled step;
   * memory: XLA's buffer assignment of the compiled step
     (`memory_analysis()`: arguments + outputs + temporaries - donated aliases),
     i.e. the step's peak device memory, deterministic and separable per method
     (process RSS is neither on CPU);
 and the ALM / SFT ratios (the paper reports +25% compute, +5% memory).
-`--num_layers=N` keeps only the first N blocks (quicker to compile).
+`--num_layers=N` keeps only the first N blocks of each model (quicker to compile).
 `--methods=sft,alm,dskd,mined,uld` adds the baselines (each reported over SFT
 too; MinED computes or reads its cached vocabulary map first).
 """
@@ -25,7 +30,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 from absl import app, flags
 
@@ -33,13 +37,16 @@ from alm.data.pipeline import Pipeline, PipelineConfig
 from alm.models.loading import load_model
 from alm.tokenization.loading import load_tokenizer
 from alm.training.config import TrainConfig
-from alm.training.model import build_transfer_model
 from alm.training.optim import make_optimizer
+from alm.training.students import build_distill_model, build_transfer_model
 from alm.training.step import Stepper, make_consts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
-flags.DEFINE_string("target", "qwen3", "Target tokenizer.")
+flags.DEFINE_string("target", "qwen3", "Target tokenizer (shared-body student).")
+flags.DEFINE_string("student", "", "A separate student model (large-to-small); '' : the "
+                    "shared-body student of tokenizer transfer.")
+flags.DEFINE_integer("uld_top_k", 4096, "ULD's top-K (0: the exact full sort).")
 flags.DEFINE_integer("batch_size", 2, "Rows per step.")
 flags.DEFINE_integer("length", 128, "Tokens per row (both sides).")
 flags.DEFINE_integer("repeats", 3, "Timed steps per method.")
@@ -59,16 +66,27 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
+def _load(name: str):
+  model, tok = load_model(name)
+  if FLAGS.num_layers:
+    model.layers = nnx.List(list(model.layers)[:FLAGS.num_layers])
+    model.cfg = model.cfg.replace(num_layers=FLAGS.num_layers)
+  return model, tok
+
+
 def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
   """Compiles and times one method's step; returns its numbers."""
-  cfg = TrainConfig(method=method, steps=100, batch_size=FLAGS.batch_size,
-                    teacher_len=FLAGS.length, student_len=FLAGS.length,
-                    lora_rank=FLAGS.lora_rank, lora_alpha=float(FLAGS.lora_rank))
-  teacher, _ = load_model(FLAGS.model)
-  if FLAGS.num_layers:
-    teacher.layers = nnx.List(list(teacher.layers)[:FLAGS.num_layers])
-  model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
-  consts = make_consts(cfg, teacher_tok, student_tok)
+  rank = FLAGS.lora_rank
+  cfg = TrainConfig.build(method=method, steps=100, batch_size=FLAGS.batch_size,
+                          teacher_len=FLAGS.length, student_len=FLAGS.length, lora_rank=rank,
+                          lora_alpha=float(max(rank, 1)), uld_top_k=FLAGS.uld_top_k,
+                          train_body=bool(FLAGS.student) and rank == 0)
+  teacher, _ = _load(FLAGS.model)
+  if FLAGS.student:
+    model = build_distill_model(teacher, teacher_tok, _load(FLAGS.student)[0], student_tok, cfg)
+  else:
+    model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
+  consts = make_consts(model, cfg, teacher_tok, student_tok)
   s = Stepper(model, cfg, consts, make_optimizer(cfg))
   t0 = time.time()
   compiled = s.compile(batch)
@@ -84,7 +102,9 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
     if i:  # the first call warms caches
       wall.append(time.perf_counter() - w)
       cpu.append(time.process_time() - c)
-  return {"method": method, "compile_s": compile_s, "step_wall_s": statistics.median(wall),
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"method": method, "compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "step_wall_s": statistics.median(wall),
           "step_cpu_s": statistics.median(cpu), "loss": float(metrics["loss"]),
           **_memory(compiled)}
 
@@ -92,7 +112,7 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
 def main(argv):
   del argv
   teacher_tok = load_model(FLAGS.model)[1]
-  student_tok = load_tokenizer(FLAGS.target)
+  student_tok = load_tokenizer(FLAGS.student or FLAGS.target)
   pipe = Pipeline("default", teacher_tok, student_tok, PipelineConfig(
       batch_size=FLAGS.batch_size, teacher_len=FLAGS.length, student_len=FLAGS.length, seed=0))
   batch = next(pipe)
@@ -101,21 +121,22 @@ def main(argv):
   s = res[base]
   ratios = {m: {"step_wall": a["step_wall_s"] / s["step_wall_s"],
                 "step_cpu": a["step_cpu_s"] / s["step_cpu_s"],
+                "flops": a["flops"] / max(s["flops"], 1.0),
                 "peak_memory": a["peak_bytes"] / s["peak_bytes"],
                 "temp_memory": a["temp_size_in_bytes"] / s["temp_size_in_bytes"]}
             for m, a in res.items() if m != base}
-  print(json.dumps({"config": {k: FLAGS[k].value for k in ("model", "target", "batch_size",
-                                                             "length", "repeats", "num_layers",
-                                                             "lora_rank", "methods")},
+  print(json.dumps({"config": {k: FLAGS[k].value for k in (
+      "model", "target", "student", "batch_size", "length", "repeats", "num_layers",
+      "lora_rank", "uld_top_k", "methods")},
                     "results": res, f"over_{base}": ratios}, indent=1))
   print("\n| method | step wall s | step CPU s | peak MiB | temp MiB |\n|---|---|---|---|---|")
   for m, r in res.items():
     print(f"| {m} | {r['step_wall_s']:.2f} | {r['step_cpu_s']:.2f} | "
           f"{r['peak_bytes'] / 2**20:.0f} | {r['temp_size_in_bytes'] / 2**20:.0f} |")
-  print(f"\n| ratio over {base} | step wall | step CPU | peak memory | temp memory |\n"
-        "|---|---|---|---|---|")
+  print(f"\n| ratio over {base} | step wall | step CPU | XLA FLOPs | peak memory | temp memory |"
+        "\n|---|---|---|---|---|---|")
   for m, r in ratios.items():
-    print(f"| {m} / {base} | {r['step_wall']:.2f} | {r['step_cpu']:.2f} | "
+    print(f"| {m} / {base} | {r['step_wall']:.2f} | {r['step_cpu']:.2f} | {r['flops']:.2f} | "
           f"{r['peak_memory']:.2f} | {r['temp_memory']:.2f} |")
 
 

@@ -1,11 +1,14 @@
-"""Compare tokenizer-transfer methods on the same model, data, seed and steps.
+"""Compare distillation methods on the same models, data, seed and steps.
 
-Runs `experiments.transfer_tokenizer` once per method (each in its own process,
-exactly as a user would run it), with every other flag passed through
-unchanged, then writes one comparison:
+Runs `experiments.transfer_tokenizer` (or, with `--binary=distill`,
+`experiments.distill`) once per method (each in its own process, exactly as a
+user would run it), with every other flag passed through unchanged, then
+writes one comparison:
 
   python -m experiments.compare_methods --methods=alm,sft --out_dir=runs/compare \
       -- --steps=30 --eval_every=10
+  python -m experiments.compare_methods --binary=distill \
+      --methods=alm,alm+sft,sft,dskd,mined,uld --out_dir=runs/distill-compare
 
 Outputs in --out_dir: one sub-directory per method (the transfer binary's own
 outputs: metrics.jsonl, report.md/png, summary.json, checkpoints), and
@@ -28,12 +31,13 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from alm.training import config as config_lib
 from alm.training.metrics import heldout_suffixes
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("methods", ["alm", "sft"], "Methods to compare (transfer_tokenizer --method).")
+flags.DEFINE_list("methods", ["alm", "sft"], "Methods to compare (the binary's --method).")
+flags.DEFINE_enum("binary", "transfer_tokenizer", ["transfer_tokenizer", "distill"],
+                  "The experiment to run per method (experiments/<binary>.py).")
 flags.DEFINE_string("out_dir", "runs/compare", "One sub-directory per method, plus the comparison.")
 flags.DEFINE_bool("rerun", False, "Run every method again even if it already finished.")
 
@@ -44,7 +48,7 @@ def run_one(method: str, out_dir: Path, passthrough: Sequence[str], rerun: bool)
   if summary_path.exists() and not rerun:
     print(f"[compare] {method}: already done ({summary_path})", flush=True)
     return json.loads(summary_path.read_text())
-  cmd = [sys.executable, "-m", "experiments.transfer_tokenizer", f"--method={method}",
+  cmd = [sys.executable, "-m", f"experiments.{FLAGS.binary}", f"--method={method}",
          f"--out_dir={out_dir}", *passthrough]
   if rerun:
     cmd.append("--noresume")
@@ -97,7 +101,8 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
     lines += ["", f"Held-out set: {name}", "",
               "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
     rows = [("teacher (own tokenizer)", first[f"teacher_bpb{sfx}"], None),
-            ("FVT-initialised student", first[f"init_student_bpb{sfx}"], 0.0)]
+            ("student before training" if "student_model" in first else
+             "FVT-initialised student", first[f"init_student_bpb{sfx}"], 0.0)]
     rows += [(f"{m} student", s[f"final_student_bpb{sfx}"], s[f"gap_closed{sfx}"])
              for m, s in summaries.items()]
     for row, bpb, gap in rows:
@@ -147,10 +152,12 @@ def main(argv):
     if a.startswith(("--method=", "--out_dir=")) or a in ("--method", "--out_dir"):
       raise app.UsageError(f"{a} is set by compare_methods itself (use --methods / --out_dir "
                            "before the `--`).")
-  bad = [m for m in FLAGS.methods if m not in config_lib.METHODS]
+  from alm.training.terms import methods  # pylint: disable=import-outside-toplevel
+  known = sorted(methods())
+  bad = [m for m in FLAGS.methods if m not in known]
   if bad or not FLAGS.methods:
     raise app.UsageError(f"--methods={','.join(FLAGS.methods)}: unknown {bad}; choose from "
-                         f"{', '.join(config_lib.METHODS)}.")
+                         f"{', '.join(known)}.")
   if len(set(FLAGS.methods)) != len(FLAGS.methods):
     raise app.UsageError("--methods lists a method twice.")
   out = Path(FLAGS.out_dir).resolve()

@@ -1,7 +1,7 @@
 """Chunk constraints never merge across a document's end, and never train a cut chunk as whole.
 
-SPEC section 4: "No constraint ever merges across a document boundary (packed
-rows, segment ids): the end of a document always ends a chunk." And a row
+docs/method.md §4: no constraint ever merges across the end of a document
+(packed rows, segment ids): the end of a document always ends a chunk. And a row
 cut from a longer document ends at a cut, not at the end of the text: a
 merged chunk that reaches the cut with its boundary rejected is incomplete.
 """
@@ -279,12 +279,14 @@ def test_each_constraint_has_one_implementation():
   """
   from alm.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from alm.training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from alm.training.methods.alm import ALMTerm  # pylint: disable=import-outside-toplevel
+  device_constraint = lambda cfg: ALMTerm.from_config(cfg.objective).cfg.constraint
   for constraint in ("space", "unbiased"):
-    cfg = TrainConfig(constraint=constraint)
-    assert step_lib.pipeline_constraint(cfg) == constraint
-    assert step_lib.device_constraint(cfg) == "unconstrained"
+    cfg = TrainConfig.build(constraint=constraint)
+    assert step_lib.Objective(cfg).data_constraint == constraint
+    assert device_constraint(cfg) == "unconstrained"
     with pytest.raises(ValueError, match="alm.align"):
       alm_lib.ALMConfig(constraint=constraint)
-  cfg = TrainConfig(constraint="boundary_prob")
-  assert step_lib.pipeline_constraint(cfg) == "unconstrained"
-  assert step_lib.device_constraint(cfg) == "boundary_prob"
+  cfg = TrainConfig.build(constraint="boundary_prob")
+  assert step_lib.Objective(cfg).data_constraint == "unconstrained"
+  assert device_constraint(cfg) == "boundary_prob"

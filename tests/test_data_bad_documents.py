@@ -79,9 +79,9 @@ def test_nfc_normalization_when_either_tokenizer_normalizes():
   assert _spelled(STUDENT, ex["student_ids"]) == DECOMPOSED.encode()
   assert pl.resolve_text_normalization("nfc", TEACHER, STUDENT) == "nfc"
   assert pl.resolve_text_normalization("none", TEACHER, nfc) == "none"
-  with pytest.raises(ValueError, match="valid values: auto, nfc, none"):
+  with pytest.raises(ValueError, match="choose one of: auto, nfc, none"):
     pl.PipelineConfig(text_normalization="nfkc")
-  with pytest.raises(ValueError, match="valid values: skip, error"):
+  with pytest.raises(ValueError, match="choose one of: skip, error"):
     pl.PipelineConfig(bad_documents="ignore")
 
 

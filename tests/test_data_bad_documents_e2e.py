@@ -54,8 +54,9 @@ def data(tmp_path_factory):
 
 
 def _cfg():
-  return TrainConfig(method="alm+sft", steps=4, batch_size=2, teacher_len=24, student_len=48,
-                     lora_rank=2, lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1)
+  return TrainConfig.build(method="alm+sft", steps=4, batch_size=2, teacher_len=24,
+                          student_len=48, lora_rank=2, lora_alpha=4.0, learning_rate=1e-2,
+                          warmup_steps=1)
 
 
 def _job(teacher_dir, data, **kw):
@@ -103,7 +104,7 @@ def test_error_policy_fails_before_the_model_loads(teacher_dir, data, tmp_path, 
     run_transfer(_job(teacher_dir, data, bad_documents="error"), _cfg(),
                  RunOptions(out_dir=str(out)))
   assert not out.exists()
-  with pytest.raises(ValueError, match="valid values: skip, error"):
+  with pytest.raises(ValueError, match="choose one of: skip, error"):
     _job(teacher_dir, data, bad_documents="ignore")
 
 

@@ -171,7 +171,7 @@ def test_chat_loss_mask_covers_assistant_only():
   with pytest.raises(sources.DataError, match=r"x\.jsonl:3: .*no special token .<\|im_start\|>"):
     pl.DocumentProcessor(TEACHER, STUDENT, pl.PipelineConfig(chat_family="chatml"))(
         {"messages": msgs, "origin": "x.jsonl:3"})
-  with pytest.raises(ValueError, match="valid values: chatml"):
+  with pytest.raises(ValueError, match="chat_family='chatlm' is not valid; choose one of: chatml"):
     pl.PipelineConfig(chat_family="chatlm")
 
 
@@ -244,7 +244,7 @@ def test_sources_and_bad_input(tmp_path):
   psrc = sources.open_source(pqf)
   assert len(psrc) == 2 and psrc[1]["text"] == "and" and psrc.num_skipped == 1
 
-  with pytest.raises(ValueError, match="valid modes: pad, pack"):
+  with pytest.raises(ValueError, match="mode='packed' is not valid; choose one of: pad, pack"):
     pl.PipelineConfig(mode="packed")
 
 

@@ -24,7 +24,7 @@ BAD = {
     "grad_clip": ["-1", "nan"], "batch_size": ["0"], "grad_accum": ["0"], "teacher_len": ["1"],
     "student_len": ["1"], "seed": ["-1"], "mesh_data": ["0"], "mesh_fsdp": ["0"],
     "mesh_tensor": ["0"], "checkpoint_every": ["-1"], "keep_checkpoints": ["0"],
-    "eval_every": ["-1"], "log_every": ["0"], "max_nonfinite_steps": ["0"],
+    "eval_every": ["-1"], "log_every": ["0"], "max_nonfinite_steps": ["0"], "uld_top_k": ["-1"],
 }
 
 
@@ -54,8 +54,10 @@ for name, values in bad.items():
       results[f"{name}={value}"] = "refused: " + str(e)
     except BaseException as e:  # pylint: disable=broad-except
       results[f"{name}={value}"] = f"crashed: {type(e).__name__}: {e}"
-numeric = sorted(f.name for f in flags.FLAGS.get_flags_for_module(binary.__name__)
-                 if f.flag_type() in ("int", "float"))
+# The binary's own flags and those generated for it by alm.training.cli.
+numeric = sorted({f.name for m in (binary.__name__, "alm.training.cli")
+                  for f in flags.FLAGS.get_flags_for_module(m)
+                  if f.flag_type() in ("int", "float")})
 print("RESULT " + json.dumps({"results": results, "numeric": numeric}))
 """
 

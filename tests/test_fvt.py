@@ -131,3 +131,40 @@ def test_fvt_transformer_shares_the_body_and_matches_on_copied_tokens():
   fwd = nnx.jit(lambda m, i: m(i).logits)
   lt, ls = np.asarray(fwd(teacher, t_ids)), np.asarray(fwd(student, s_ids))
   np.testing.assert_allclose(ls[..., 5:5 + 256], lt[..., 3:3 + 256], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, param_dtype", [("qwen2", "float32"), ("llama", "bfloat16")])
+def test_fvt_transformer_with_a_passed_decomposition_equals_its_own(family, param_dtype):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from alm.testing.models import tiny_model  # pylint: disable=import-outside-toplevel
+  pdt = jnp.dtype(param_dtype)
+  teacher = tiny_model(family, vocab_size=OLD.vocab_size, seed=3, param_dtype=pdt)
+  own = fvt.fvt_transformer(teacher, OLD, NEW)
+  d = fvt.decompose(OLD, NEW)
+  # What `alm.training.students.cached_decomposition` returns: arrays read back from disk.
+  d = fvt.Decomposition(offsets=d.offsets.copy(), flat=d.flat.copy(), kind=d.kind.copy())
+  given = fvt.fvt_transformer(teacher, OLD, NEW, decomposition=d)
+  assert given.cfg == own.cfg and given.cfg.vocab_size == NEW.vocab_size
+  assert (own.lm_head is None) == (teacher.lm_head is None) == (given.lm_head is None)
+  tables = [(m.embedder.embedding[...], None if m.lm_head is None else m.lm_head.kernel[...])
+            for m in (own, given)]
+  for a, b in zip(*tables):
+    if a is None:
+      continue
+    assert a.dtype == b.dtype == pdt
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  assert given.layers is teacher.layers and given.final_norm is teacher.final_norm
+  assert given.dtype == teacher.dtype and given.param_dtype == teacher.param_dtype
+
+
+def test_fvt_transformer_refuses_the_wrong_tokenizer_or_decomposition():
+  from alm.testing.models import tiny_model  # pylint: disable=import-outside-toplevel
+  small = tiny_model("llama", vocab_size=OLD.vocab_size - 1, seed=0)
+  with pytest.raises(ValueError, match=r"rows but the old tokenizer.*model's own tokenizer"):
+    fvt.fvt_transformer(small, OLD, NEW)
+  with pytest.raises(ValueError, match=r"rows but the old tokenizer"):
+    fvt.fvt_transformer(small, OLD, NEW, decomposition=fvt.decompose(OLD, NEW))
+  teacher = tiny_model("llama", vocab_size=OLD.vocab_size, seed=0)
+  other = fvt.decompose(OLD, BytesTokenizer())  # for another new tokenizer
+  with pytest.raises(ValueError, match="decompose\\(old, new\\)"):
+    fvt.fvt_transformer(teacher, OLD, NEW, decomposition=other)

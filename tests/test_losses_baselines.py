@@ -110,7 +110,7 @@ def test_uld_matches_reference():
   mt = rng.random((2, 6)) < 0.7
   ms = rng.random((2, 5)) < 0.8
   f = lambda x: baselines.uld_loss(jnp.asarray(lt), jnp.asarray(ids_t), jnp.asarray(mt),
-                                   x, jnp.asarray(ids_s), jnp.asarray(ms))
+                                   x, jnp.asarray(ids_s), jnp.asarray(ms), top_k=None)
   (_, out), grad = jax.jit(jax.value_and_grad(
       lambda x: (f(x).mean(), f(x)), has_aux=True))(jnp.asarray(ls))
   total, count, g = 0.0, 0, np.zeros_like(ls, np.float64)
@@ -131,6 +131,97 @@ def test_uld_matches_reference():
   assert int(out.count) == count > 2
   np.testing.assert_allclose(out.total, total, rtol=1e-5)
   np.testing.assert_allclose(grad, g / count, rtol=1e-4, atol=1e-7)
+
+
+def _uld_top_k_reference(lt, ls, mt, ms, top_k):
+  """float64 ULD with `top_k` (None: exact), its gradient and the tail masses.
+
+  Returns:
+    (total, count, grad w.r.t. `ls`, per pair (teacher tail, student tail),
+    per pair its student (row, position)).
+  """
+  total, count, g, tails, pairs = 0.0, 0, np.zeros_like(ls, np.float64), [], []
+  width = max(lt.shape[-1], ls.shape[-1])
+  width = width if top_k is None else min(top_k, width)
+  for i in range(lt.shape[0]):
+    pt = [t - 1 for t in range(1, lt.shape[1]) if mt[i, t]]
+    ps = [t - 1 for t in range(1, ls.shape[1]) if ms[i, t]]
+    for a, b in zip(pt, ps):
+      p, q = ref.softmax(lt[i, a]), ref.softmax(ls[i, b])
+      sp, order = np.sort(p)[::-1], np.argsort(-q)
+      sq = q[order]
+      hp, hq = (np.pad(x[:width], (0, width - len(x[:width]))) for x in (sp, sq))
+      rp, rq = sp[width:].sum(), sq[width:].sum()
+      total += np.abs(hp - hq).sum() + abs(rp - rq)
+      count += 1
+      tails.append((rp, rq))
+      pairs.append((i, b))
+      dq = np.full_like(q, np.sign(rq - rp))  # the tail entries
+      top = order[:width]
+      dq[top] = np.sign(hq - hp)[:len(top)]
+      g[i, b] += q * (dq - (dq * q).sum())
+  return total, count, g, np.array(tails), pairs
+
+
+def _uld_value_and_grad(lt, ls, mt, ms, top_k):
+  ids_t = jnp.zeros(lt.shape[:2], jnp.int32)
+  ids_s = jnp.zeros(ls.shape[:2], jnp.int32)
+  f = lambda x: baselines.uld_loss(jnp.asarray(lt), ids_t, jnp.asarray(mt), x, ids_s,
+                                   jnp.asarray(ms), top_k=top_k)
+  (_, out), grad = jax.jit(jax.value_and_grad(
+      lambda x: (f(x).mean(), f(x)), has_aux=True))(jnp.asarray(ls))
+  return float(out.total), int(out.count), np.asarray(grad, np.float64)
+
+
+@pytest.mark.parametrize("top_k", [3, 5, 7, 100])
+def test_uld_top_k_matches_reference_and_is_exact_when_k_covers_vocab(top_k):
+  rng = np.random.default_rng(3)
+  lt = rng.normal(size=(2, 6, 7)).astype(np.float32) * 2
+  ls = rng.normal(size=(2, 5, 4)).astype(np.float32) * 2
+  mt, ms = rng.random((2, 6)) < 0.8, rng.random((2, 5)) < 0.9
+  total, count, grad = _uld_value_and_grad(lt, ls, mt, ms, top_k)
+  want, want_count, want_g, _, _ = _uld_top_k_reference(lt, ls, mt, ms, top_k)
+  assert count == want_count > 2
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_g / count, rtol=1e-4, atol=1e-6)
+  if top_k >= 7:  # K covers both vocabularies: the exact loss
+    exact, _, exact_g, _, _ = _uld_top_k_reference(lt, ls, mt, ms, None)
+    np.testing.assert_allclose(total, exact, rtol=1e-5)
+    np.testing.assert_allclose(grad, exact_g / count, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed,scale", [(0, 0.5), (1, 1.5), (2, 3.0)])
+def test_uld_top_k_within_its_bound_of_exact(seed, scale):
+  """Top-K ULD is at most 2 * min(tail masses) below the exact value per pair,
+  and its logit gradient on each student position's top K entries is within
+  2 * q_j * (student tail mass) of the exact one."""
+  rng = np.random.default_rng(seed)
+  k = 16
+  lt = (rng.normal(size=(2, 9, 300)) * scale).astype(np.float32)
+  ls = (rng.normal(size=(2, 8, 200)) * scale).astype(np.float32)
+  mt, ms = rng.random((2, 9)) < 0.9, rng.random((2, 8)) < 0.9
+  exact, count, exact_g = _uld_value_and_grad(lt, ls, mt, ms, None)
+  approx, count_k, approx_g = _uld_value_and_grad(lt, ls, mt, ms, k)
+  _, _, _, tails, pairs = _uld_top_k_reference(lt, ls, mt, ms, k)
+  assert count == count_k == len(tails) > 8
+  slack = 2 * np.minimum(tails[:, 0], tails[:, 1]).sum()
+  assert slack > 1e-2  # the tails matter here
+  assert exact - slack - 1e-5 <= approx <= exact + 1e-5, (exact, approx, slack)
+  q = np.asarray(jax.nn.softmax(jnp.asarray(ls), axis=-1), np.float64)
+  top = np.argsort(-q, axis=-1)[..., :k]
+  err = np.take_along_axis(np.abs(approx_g - exact_g), top, -1)
+  bound = np.zeros(err.shape)  # unpaired positions: gradient 0 in both
+  for (i, b), (_, rs) in zip(pairs, tails):
+    bound[i, b] = 2 * np.take(q[i, b], top[i, b]) * rs / count
+  assert np.all(err <= bound + 1e-6), (err - bound).max()
+  assert approx < exact - 1e-4  # the estimate is not the exact value here
+
+
+def test_uld_top_k_rejects_non_positive():
+  x = jnp.zeros((1, 3, 5))
+  ids = jnp.zeros((1, 3), jnp.int32)
+  with pytest.raises(ValueError, match="top_k"):
+    baselines.uld_loss(x, ids, None, x, ids, None, top_k=0)
 
 
 def test_mined_loss_matches_reference():

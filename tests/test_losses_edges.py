@@ -210,7 +210,7 @@ def test_tau_too_small_is_refused_and_underflow_warns():
   from alm.training.config import MIN_TAU, TrainConfig, TrainConfigError
   assert MIN_TAU == pytest.approx(alm_lib.MIN_TAU, rel=1e-12)
   with pytest.raises(TrainConfigError, match=r"tau=0\.001.*underflow"):
-    TrainConfig(tau=1e-3)
+    TrainConfig.build(tau=1e-3)
   teacher, student = one_chunk_sides(1.0)
   # Allowed, but every chunk here is below e^-87 on both sides: the loss
   # would silently be 0; a real training run must hear about it.
@@ -237,7 +237,7 @@ def test_gamma_must_be_a_probability_everywhere(gamma):
   with pytest.raises(ValueError, match=r"gamma.*\(0, 1\)"):
     alm_lib.ALMConfig(gamma=gamma)
   with pytest.raises(TrainConfigError, match=r"gamma.*\(0, 1\)"):
-    TrainConfig(gamma=gamma)
+    TrainConfig.build(gamma=gamma)
   t, s = _enc([b"ab", b"c"]), _enc([b"a", b"bc"])
   with pytest.raises(ValueError, match=r"gamma.*\(0, 1\)"):
     alignment.align(t, s, gamma=gamma)

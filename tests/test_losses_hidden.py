@@ -32,8 +32,8 @@ def test_hidden_loss_matches_reference_and_identity_is_zero():
     et = np.array([t_l[i, a] for i, a, _ in ends], np.float64)
     es = np.array([s_l[i, b] for i, _, b in ends], np.float64) @ w
     ms = (et**2).mean(0)
-    # SPEC 6: the squared norm over channels, each channel divided by the
-    # teacher's mean square (a sum over channels, not a mean).
+    # docs/method.md §6: the squared norm over channels, each channel divided by
+    # the teacher's mean square (a sum over channels, not a mean).
     total += ((et - es) ** 2 / ms).sum(-1).sum()
   assert int(out.count) == len(ends) == 5
   np.testing.assert_allclose(out.total, total / 2, rtol=1e-5)

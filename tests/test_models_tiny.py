@@ -280,7 +280,7 @@ def test_bad_inputs_give_clear_errors():
 
 def test_bits_per_byte_against_manual_computation():
   import alm
-  from alm.models.scoring import bits_per_byte
+  from alm.eval.bpb import bits_per_byte
   tok = alm.load_tokenizer("bytes")
   model = tiny_model("llama", tok.vocab_size, seed=10)
   text = "héllo wörld"
@@ -290,4 +290,6 @@ def test_bits_per_byte_against_manual_computation():
   nll_bits = -sum(logits[t - 1, enc.ids[t]] - lse[t - 1] for t in range(1, len(enc))) / np.log(2)
   assert enc.special[0] and not enc.special[1:].any()
   want = nll_bits / len(text.encode())
-  assert abs(bits_per_byte(model, tok, text) - want) < 1e-4 * want
+  got = bits_per_byte(model, tok, [text])
+  assert (got.bytes, got.tokens) == (len(text.encode()), len(enc) - 1)
+  assert abs(got.bpb - want) < 1e-4 * want

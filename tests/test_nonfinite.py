@@ -22,7 +22,7 @@ T_LEN, S_LEN = 24, 48
 def _cfg(**kw):
   base = dict(method="alm", steps=8, batch_size=2, teacher_len=T_LEN, student_len=S_LEN,
               lora_rank=2, lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1)
-  return TrainConfig(**{**base, **kw})
+  return TrainConfig.build(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def poisonable(monkeypatch):
   """
   orig = step_lib.compute_losses
 
-  def poisoned(model, batch, consts, cfg):
-    out = orig(model, batch, consts, cfg)
+  def poisoned(model, batch, consts, objective, hidden=((), ())):
+    out = orig(model, batch, consts, objective, hidden)
     p = consts["poison"]
     return {k: LossSum(v.total * (1.0 + p), v.count) for k, v in out.items()}
 

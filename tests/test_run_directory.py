@@ -27,7 +27,7 @@ T_LEN, S_LEN = 24, 48
 def _cfg(**kw):
   base = dict(method="alm", steps=4, batch_size=2, teacher_len=T_LEN, student_len=S_LEN,
               lora_rank=2, lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1)
-  return TrainConfig(**{**base, **kw})
+  return TrainConfig.build(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

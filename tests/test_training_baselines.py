@@ -24,7 +24,9 @@ from alm.testing.tokenizers import GreedyTokenizer
 from alm.tokenization.bias import compute_bias_tables, count_tokens
 from alm.training import step as step_lib
 from alm.training.config import TrainConfig
-from alm.training.model import build_transfer_model, cached_mined_map, trainable_filter
+from alm.training.methods.alm import ALMTerm
+from alm.training.methods.mined import cached_mined_map
+from alm.training.students import build_transfer_model, trainable_filter
 from alm.training.optim import make_optimizer
 from alm.training.trainer import RunOptions
 from alm.training.transfer import (BiasTablesError, TransferJob, bias_tables_align_fn,
@@ -61,12 +63,12 @@ def data(corpus):
 def _cfg(**kw):
   base = dict(steps=4, batch_size=4, teacher_len=T_LEN, student_len=S_LEN, lora_rank=2,
               lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1, grad_clip=0.0)
-  return TrainConfig(**{**base, **kw})
+  return TrainConfig.build(**{**base, **kw})
 
 
 def _stepper(cfg, tt, st, tx=None):
   model = build_transfer_model(tu.teacher_model(0), tt, st, cfg)
-  return step_lib.Stepper(model, cfg, step_lib.make_consts(cfg, tt, st),
+  return step_lib.Stepper(model, cfg, step_lib.make_consts(model, cfg, tt, st),
                           tx or make_optimizer(cfg))
 
 
@@ -101,7 +103,7 @@ def _library_loss(method, model, batch, tt, st):
         unembed_err = jnp.maximum(unembed_err, jnp.max(jnp.abs(hidden @ emb.T - out.logits)))
         sides.append(dskd.DSKDSide(out.logits, hidden, b[f"{side}_ids"], emb, emb.T,
                                    b[f"{side}_loss_mask"]))
-      loss = dskd.dskd_loss(*sides, model.dskd_projector)
+      loss = dskd.dskd_loss(*sides, model.heads["dskd"])
     elif method == "mined":
       loss = baselines.mined_loss(
           t_out.logits, b["teacher_ids"], b["teacher_chunk_ids"], s_out.logits,
@@ -183,12 +185,12 @@ def test_dskd_projector_is_in_the_trainable_filter(data):
   tt, st, _ = data
   cfg = _cfg(method="dskd")
   model = build_transfer_model(tu.teacher_model(), tt, st, cfg)
-  _, trainable, _ = nnx.split(model, trainable_filter(cfg), ...)
+  _, trainable, _ = nnx.split(model, trainable_filter(model, cfg), ...)
   paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
-  assert {f"dskd_projector/{m}/{w}" for m in ("query", "s2t", "t2s")
+  assert {f"heads/dskd/{m}/{w}" for m in ("query", "s2t", "t2s")
           for w in ("kernel", "bias")} <= paths
   # Other methods have no DSKD projector at all.
-  assert build_transfer_model(tu.teacher_model(), tt, st, _cfg()).dskd_projector is None
+  assert "dskd" not in build_transfer_model(tu.teacher_model(), tt, st, _cfg()).heads
 
 
 def test_mined_map_is_cached_per_pair(data, tmp_path, monkeypatch):
@@ -221,7 +223,7 @@ def _trainer(corpus, out, cfg, **opts):
 def _projector(trainer):
   flat = nnx.to_flat_state(trainer.stepper.state.trainable)
   return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat
-          if p[0] == "dskd_projector"}
+          if tuple(p[:2]) == ("heads", "dskd")}
 
 
 def test_dskd_resume_restores_the_projector(corpus, tmp_path):
@@ -272,8 +274,8 @@ def test_unbiased_trains_on_the_merged_chunks_of_the_pipeline(corpus, bias_dir):
   tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
   tables = load_bias_tables(_job(bias_dir), tt, st)
   cfg = _cfg(constraint="unbiased", gamma=GAMMA)
-  assert step_lib.pipeline_constraint(cfg) == "unbiased"
-  assert step_lib.device_constraint(cfg) == "unconstrained"
+  assert step_lib.Objective(cfg).data_constraint == "unbiased"
+  assert ALMTerm.from_config(cfg.objective).cfg.constraint == "unconstrained"
   pcfg = dict(batch_size=4, teacher_len=T_LEN, student_len=S_LEN, seed=0)
   fine = next(Pipeline(str(corpus), tt, st, PipelineConfig(**pcfg)))
   batch = next(Pipeline(str(corpus), tt, st, PipelineConfig(**pcfg, align_constraint="unbiased"),
@@ -306,7 +308,7 @@ def test_missing_or_foreign_bias_tables_fail_naming_the_command(bias_dir, tmp_pa
   opts = RunOptions(out_dir=str(tmp_path / "out"))
   for d in ("", tmp_path / "empty"):
     with pytest.raises(BiasTablesError, match=cmd):
-      run_transfer(_job(d), TrainConfig(constraint="unbiased"), opts)
+      run_transfer(_job(d), TrainConfig.build(constraint="unbiased"), opts)
   assert not (tmp_path / "out").exists()
   # Tables of another pair: other vocabulary sizes, or the same sizes but other tokens.
   with pytest.raises(BiasTablesError, match=r"(?s)not of this pair.*vocabularies have.*" + cmd):

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from alm.data.pipeline import Pipeline, PipelineConfig
     from alm.models import sharding
     from alm.training.config import TrainConfig
-    from alm.training.model import build_transfer_model
+    from alm.training.students import build_transfer_model
     from alm.training.optim import make_optimizer
     from alm.training.step import Stepper
 
@@ -29,14 +29,14 @@ SCRIPT = textwrap.dedent("""
     pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=8, teacher_len=24,
                                                         student_len=48, seed=0))
     batches = [next(pipe) for _ in range(2)]
-    consts = {{"teacher_boundary": tt.boundary_token_mask(),
-               "student_boundary": st.boundary_token_mask()}}
+    consts = {{"alm": {{"teacher_boundary": tt.boundary_token_mask(),
+                       "student_boundary": st.boundary_token_mask()}}}}
     out = {{}}
     for name, mesh in (("one", (1, 1, 1)), ("eight", (2, 2, 2))):
-      cfg = TrainConfig(method="alm+sft", steps=2, batch_size=8, grad_accum=2, teacher_len=24,
-                        student_len=48, lora_rank=2, lora_alpha=4.0, learning_rate=1e-2,
-                        warmup_steps=1, mesh_data=mesh[0], mesh_fsdp=mesh[1],
-                        mesh_tensor=mesh[2])
+      cfg = TrainConfig.build(method="alm+sft", steps=2, batch_size=8, grad_accum=2,
+                              teacher_len=24, student_len=48, lora_rank=2, lora_alpha=4.0,
+                              learning_rate=1e-2, warmup_steps=1, mesh_data=mesh[0],
+                              mesh_fsdp=mesh[1], mesh_tensor=mesh[2])
       model = build_transfer_model(tu.teacher_model(), tt, st, cfg)
       s = Stepper(model, cfg, consts, make_optimizer(cfg), sharding.make_mesh(*mesh))
       losses = [float(s.step(b)["loss"]) for b in batches]

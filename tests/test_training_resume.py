@@ -14,7 +14,7 @@ import alm
 from alm.data.pipeline import Pipeline, PipelineConfig
 from alm.training.checkpoint import Checkpointer, CheckpointMismatchError
 from alm.training.config import TrainConfig
-from alm.training.model import build_transfer_model, export_student
+from alm.training.students import build_transfer_model, export_student
 from alm.training.trainer import RunOptions, Trainer, take_batches
 
 import training_utils as tu
@@ -25,7 +25,7 @@ T_LEN, S_LEN = 24, 48
 def _cfg(**kw):
   base = dict(method="alm+sft", steps=4, batch_size=2, teacher_len=T_LEN, student_len=S_LEN,
               lora_rank=2, lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1)
-  return TrainConfig(**{**base, **kw})
+  return TrainConfig.build(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _trainer(corpus, out, cfg, *, model_overrides=None, extra_eval_label=None, *
   tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
   model = build_transfer_model(tu.teacher_model(0, **(model_overrides or {})), tt, st, cfg)
   pipe = Pipeline(str(corpus), tt, st, PipelineConfig(
-      batch_size=cfg.batch_size, teacher_len=T_LEN, student_len=S_LEN, seed=cfg.seed))
+      batch_size=cfg.shapes.batch_size, teacher_len=T_LEN, student_len=S_LEN, seed=cfg.seed))
   heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
       batch_size=2, teacher_len=T_LEN, student_len=S_LEN, shuffle=False, num_epochs=1)), 1)
   run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)

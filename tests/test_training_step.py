@@ -14,7 +14,8 @@ from alm.losses import alm as alm_lib
 from alm.losses.ntp import next_token_loss
 from alm.training import step as step_lib
 from alm.training.config import TrainConfig, TrainConfigError
-from alm.training.model import build_transfer_model, trainable_filter
+from alm.training.students import build_transfer_model, trainable_filter
+from alm.training.terms import BuildContext
 from alm.training.optim import learning_rate_schedule, make_optimizer
 
 import training_utils as tu
@@ -32,13 +33,14 @@ def data(tmp_path_factory):
 
 
 def _consts(tt, st):
-  return {"teacher_boundary": tt.boundary_token_mask(), "student_boundary": st.boundary_token_mask()}
+  return {"alm": {"teacher_boundary": tt.boundary_token_mask(),
+                  "student_boundary": st.boundary_token_mask()}}
 
 
 def _cfg(**kw):
   base = dict(steps=4, batch_size=4, teacher_len=T_LEN, student_len=S_LEN, lora_rank=2,
               lora_alpha=4.0, learning_rate=1e-2, warmup_steps=1, grad_clip=0.0)
-  return TrainConfig(**{**base, **kw})
+  return TrainConfig.build(**{**base, **kw})
 
 
 def _stepper(cfg, tt, st, seed=0):
@@ -47,27 +49,27 @@ def _stepper(cfg, tt, st, seed=0):
 
 
 def test_config_rejects_typos_naming_valid_values():
-  with pytest.raises(TrainConfigError, match="alm, alm\\+sft, sft"):
-    TrainConfig(method="alms")
+  with pytest.raises(TrainConfigError, match="alm, alm\\+sft, dskd, mined, sft, uld"):
+    TrainConfig.build(method="alms")
   with pytest.raises(TrainConfigError, match="kl, tv, reverse_kl"):
-    TrainConfig(divergence="KL")
+    TrainConfig.build(divergence="KL")
   with pytest.raises(TrainConfigError, match="multiple of grad_accum"):
-    TrainConfig(batch_size=3, grad_accum=2)
+    TrainConfig.build(batch_size=3, grad_accum=2)
   with pytest.raises(TrainConfigError, match="Nothing to train"):
-    TrainConfig(train_embeddings=False, lora_rank=0)
-  cfg = TrainConfig(method="alm+sft", steps=7)
+    TrainConfig.build(train_embeddings=False, lora_rank=0)
+  cfg = TrainConfig.build(method="alm+sft", steps=7)
   assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_schedule_is_linear_warmup_then_linear_decay():
-  cfg = TrainConfig(steps=10, warmup_steps=4, learning_rate=1.0, decay_to=0.0)
+  cfg = TrainConfig.build(steps=10, warmup_steps=4, learning_rate=1.0, decay_to=0.0)
   lr = np.array([float(learning_rate_schedule(cfg)(s)) for s in range(10)])
   np.testing.assert_allclose(lr[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
   np.testing.assert_allclose(lr[4:], 1.0 - np.arange(6) / 6, rtol=1e-6, atol=1e-7)
 
 
 def test_optimizer_is_adam_without_weight_decay():
-  cfg = TrainConfig(steps=3, warmup_steps=0, learning_rate=0.1, grad_clip=0.0, decay_to=1.0)
+  cfg = TrainConfig.build(steps=3, warmup_steps=0, learning_rate=0.1, grad_clip=0.0, decay_to=1.0)
   tx = make_optimizer(cfg)
   p = jnp.array([1.0, -2.0, 3.0])
   s = tx.init(p)
@@ -87,7 +89,7 @@ def test_trainable_filter_selects_new_embeddings_lora_and_projector_only(data):
   tt, st, _ = data
   cfg = _cfg(projector=True, projector_heads=4, projector_layers=1)
   model = build_transfer_model(tu.teacher_model(), tt, st, cfg)
-  _, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)
+  _, trainable, frozen = nnx.split(model, trainable_filter(model, cfg), ...)
   paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
   assert "student/transformer/embedder/embedding" in paths
   assert any(p.startswith("student/projector/") for p in paths)
@@ -164,6 +166,13 @@ def test_gradient_accumulation_equals_one_big_batch(data):
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
 
 
+def _pair_consts(cfg, teacher_tok, student_tok):
+  """What `make_consts` computes for a tokenizer pair (the ALM term reads no model)."""
+  ctx = BuildContext(teacher_tok=teacher_tok, student_tok=student_tok, teacher_cfg=None,
+                     student_cfg=None, objective=cfg.objective)
+  return step_lib.Objective(cfg).consts(ctx)
+
+
 def test_debiasing_uses_one_boundary_byte_set_for_both_sides():
   from alm.testing.tokenizers import GreedyTokenizer  # pylint: disable=import-outside-toplevel
   student = tu.student_tokenizer()  # bytes: space, tab, newline, CR are boundaries
@@ -172,7 +181,7 @@ def test_debiasing_uses_one_boundary_byte_set_for_both_sides():
   assert 10 not in teacher.boundary_bytes and 13 not in teacher.boundary_bytes
   shared = teacher.boundary_bytes & student.boundary_bytes
   assert shared == {9, 32}
-  c = step_lib.make_consts(TrainConfig(), teacher, student)
+  c = _pair_consts(TrainConfig.build(), teacher, student)["alm"]
   for tok, key in ((teacher, "teacher_boundary"), (student, "student_boundary")):
     np.testing.assert_array_equal(c[key], tok.boundary_token_mask(shared))
   # The student's own mask would count a following newline; the shared one does not.
@@ -184,5 +193,5 @@ def test_debiasing_uses_one_boundary_byte_set_for_both_sides():
   no_ws = GreedyTokenizer(["a ", "a\t", "a\n", "a\r"])
   assert not (no_ws.boundary_bytes & student.boundary_bytes)
   with pytest.raises(ValueError, match="--nodebias"):
-    step_lib.make_consts(TrainConfig(), no_ws, student)
-  step_lib.make_consts(TrainConfig(debias=False), no_ws, student)  # nothing to share: fine
+    _pair_consts(TrainConfig.build(), no_ws, student)
+  _pair_consts(TrainConfig.build(debias=False), no_ws, student)  # nothing to share: fine

@@ -26,8 +26,9 @@ def test_alm_student_is_closer_to_the_teacher_than_sft(tmp_path):
                     teacher_sample_tokens=128)
   s = {}
   for method in ("alm", "sft"):
-    cfg = TrainConfig(method=method, steps=STEPS, batch_size=4, teacher_len=128, student_len=128,
-                      learning_rate=3e-4, warmup_steps=3, constraint="boundary_prob", seed=0)
+    cfg = TrainConfig.build(method=method, steps=STEPS, batch_size=4, teacher_len=128,
+                            student_len=128, learning_rate=3e-4, warmup_steps=3,
+                            constraint="boundary_prob", seed=0)
     opts = RunOptions(out_dir=str(tmp_path / method), checkpoint_dir="", progress=False,
                       tensorboard=False)
     s[method] = run_transfer(job, cfg, opts)

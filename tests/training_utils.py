@@ -54,13 +54,13 @@ def tiny_trainer(corpus: Path, out: Path, cfg, **opts):
   """
   # pylint: disable=import-outside-toplevel
   from alm.data.pipeline import Pipeline, PipelineConfig
-  from alm.training.model import build_transfer_model
+  from alm.training.students import build_transfer_model
   from alm.training.trainer import RunOptions, Trainer, take_batches
   tt, st = teacher_tokenizer(), student_tokenizer()
-  lens = dict(teacher_len=cfg.teacher_len, student_len=cfg.student_len)
+  lens = dict(teacher_len=cfg.shapes.teacher_len, student_len=cfg.shapes.student_len)
   model = build_transfer_model(teacher_model(0), tt, st, cfg)
-  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=cfg.batch_size, seed=cfg.seed,
-                                                      **lens))
+  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=cfg.shapes.batch_size,
+                                                      seed=cfg.seed, **lens))
   heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(
       batch_size=2, shuffle=False, num_epochs=1, **lens)), 1)
   run = RunOptions(out_dir=str(out), progress=False, tensorboard=False, **opts)

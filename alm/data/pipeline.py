@@ -1,7 +1,7 @@
 """The grain input pipeline: documents -> teacher/student token batches with chunk ids.
 
     source --(shard, shuffle(seed), repeat)--> per-document work in the workers:
-      both tokenizations, the alignment (SPEC section 2), loss masks, the cut
+      both tokenizations, the alignment (docs/method.md §2), loss masks, the cut
       into rows at byte offsets both sides agree on
     --> flatten --> pad OR pack (first-fit) --> batch --> finalize
 
@@ -62,6 +62,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
+from alm._validation import check_choice
 from alm.data.sources import DataError
 from alm.tokenization import chat
 from alm.tokenization.alignment import align
@@ -162,11 +163,8 @@ class PipelineConfig:
   text_normalization: TextNormalization = "auto"
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"Unknown pipeline mode {self.mode!r}; valid modes: {', '.join(MODES)}.")
-    if self.long_documents not in LONG_DOCUMENTS:
-      raise ValueError(f"Unknown long_documents {self.long_documents!r}; valid values: "
-                       f"{', '.join(LONG_DOCUMENTS)}.")
+    check_choice("mode", self.mode, MODES)
+    check_choice("long_documents", self.long_documents, LONG_DOCUMENTS)
     for name in ("batch_size", "teacher_len", "student_len"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -175,17 +173,11 @@ class PipelineConfig:
     if not 0 <= self.shard_index < self.shard_count:
       raise ValueError(f"Need 0 <= shard_index < shard_count, got {self.shard_index}, "
                        f"{self.shard_count}.")
-    if self.chat_family not in chat.FAMILIES + ("auto",):
-      raise ValueError(f"Unknown chat_family {self.chat_family!r}; valid values: "
-                       f"{', '.join(chat.FAMILIES + ('auto',))}.")
+    check_choice("chat_family", self.chat_family, chat.FAMILIES + ("auto",))
     if self.num_workers < 0:
       raise ValueError(f"num_workers must be >= 0, got {self.num_workers}.")
-    if self.bad_documents not in BAD_DOCUMENTS:
-      raise ValueError(f"Unknown bad_documents {self.bad_documents!r}; valid values: "
-                       f"{', '.join(BAD_DOCUMENTS)}.")
-    if self.text_normalization not in TEXT_NORMALIZATIONS:
-      raise ValueError(f"Unknown text_normalization {self.text_normalization!r}; valid values: "
-                       f"{', '.join(TEXT_NORMALIZATIONS)}.")
+    check_choice("bad_documents", self.bad_documents, BAD_DOCUMENTS)
+    check_choice("text_normalization", self.text_normalization, TEXT_NORMALIZATIONS)
 
 
 def _normalizes_nfc(tok: ByteTokenizer) -> bool:

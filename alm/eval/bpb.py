@@ -5,12 +5,15 @@ tokens of the texts. Tokens that are never predicted (the first token of a
 sequence when the tokenizer adds no BOS) are left out of both sums, so the
 number of bytes is exactly the bytes the model was asked to predict; special
 tokens (BOS) are never targets.
+
+`sequence_bits` is the one implementation of the sums (on logits, jittable);
+`bits_per_byte` runs it over texts, and the trainer's held-out evaluation over
+pipeline batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import jax
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alm.losses import chunks as chunks_lib
 from alm.tokenization.base import ByteTokenizer
 
 
@@ -38,16 +42,43 @@ class BpbResult:
     return self.bits / max(self.tokens, 1)
 
 
+def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
+                  num_bytes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Bits, target bytes and target tokens of a batch of sequences.
+
+  `bits = -Σ_{targets} log p(ids[b, t] | ids[b, <t]) / ln 2`, with the
+  log-probs of `alm.losses.chunks.token_logprobs` (blockwise over the
+  vocabulary, precise for near-certain tokens). Position 0 is never a target
+  (nothing predicts it), whatever `target_mask` says there.
+
+  Args:
+    logits: [B, T, V] logits of the model on `ids` (position t predicts
+      token t + 1); any float dtype.
+    ids: int [B, T] token ids.
+    target_mask: bool [B, T], True on the tokens to score (e.g. not special,
+      not padding; a pipeline batch's `loss_mask & (num_bytes > 0)`).
+    num_bytes: int [B, T] text bytes of each token.
+
+  Returns:
+    (bits, bytes, tokens): float32 scalars summed over the targets; `bits /
+    bytes` is bits per byte.
+  """
+  if not (logits.ndim == 3 and ids.shape == logits.shape[:2] == target_mask.shape
+          == num_bytes.shape):
+    raise ValueError(f"sequence_bits needs logits [B, T, V] and ids, target_mask, num_bytes "
+                     f"[B, T]; got shapes {logits.shape}, {ids.shape}, {target_mask.shape}, "
+                     f"{num_bytes.shape}.")
+  lp = chunks_lib.token_logprobs(logits, ids).path  # [B, T], 0 at t = 0
+  m = jnp.asarray(target_mask, bool).at[:, 0].set(False)
+  bits = (-jnp.sum(jnp.where(m, lp, 0.0)) / jnp.log(2.0)).astype(jnp.float32)
+  nbytes = jnp.sum(jnp.where(m, num_bytes, 0)).astype(jnp.float32)
+  return bits, nbytes, jnp.sum(m).astype(jnp.float32)
+
+
 @nnx.jit
-def _path_logprobs(model, ids, mask):
-  logits = model(ids, attention_mask=mask).logits.astype(jnp.float32)  # [B, T, V]
-  lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  return jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
-
-
-def _forward_logprobs(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """log p(ids[:, i] | ids[:, <i]) for i >= 1, [B, T-1], float32."""
-  return np.asarray(_path_logprobs(model, jnp.asarray(ids), jnp.asarray(mask)))
+def _batch_bits(model, ids, mask, target, num_bytes):
+  logits = model(ids, attention_mask=mask).logits  # [B, T, V]
+  return sequence_bits(logits, ids, target, num_bytes)
 
 
 def bits_per_byte(model, tokenizer: ByteTokenizer, texts: Sequence[str], *,
@@ -75,16 +106,15 @@ def bits_per_byte(model, tokenizer: ByteTokenizer, texts: Sequence[str], *,
     ids = np.zeros((len(group), n), np.int32)
     mask = np.zeros((len(group), n), bool)
     target = np.zeros((len(group), n), bool)
-    nb = np.zeros((len(group), n), np.int64)
+    nb = np.zeros((len(group), n), np.int32)
     for r, e in enumerate(group):
       k = min(len(e), n)
       ids[r, :k] = e.ids[:k]
       mask[r, :k] = True
       target[r, 1:k] = ~e.special[1:k]
       nb[r, :k] = (e.ends - e.starts)[:k]
-    lp = _forward_logprobs(model, ids, mask)  # [B, n-1]
-    t = target[:, 1:]
-    bits += float(-(lp[t]).astype(np.float64).sum() / math.log(2))
-    nbytes += int(nb[:, 1:][t].sum())
-    ntok += int(t.sum())
+    b, nby, nt = _batch_bits(model, *map(jnp.asarray, (ids, mask, target, nb)))
+    bits += float(b)
+    nbytes += int(nby)
+    ntok += int(nt)
   return BpbResult(bits=bits, bytes=nbytes, tokens=ntok)

@@ -1,0 +1,41 @@
+"""Initialising and mapping the embeddings of a new tokenizer.
+
+See docs/method.md §8. Names are imported lazily: `import alm.hypernet`
+imports neither numpy nor JAX until one of them is used.
+
+FVT initialisation (`alm.hypernet.fvt`):
+  fvt_embeddings            -- (input, output) embeddings for a new tokenizer
+  fvt_transformer           -- a student Transformer with FVT embeddings, body shared
+  decompose, apply_decomposition, Decomposition -- the two steps, and their plan
+
+The embedding projector (`alm.hypernet.projector`):
+  EmbeddingProjector, ProjectorConfig -- a learned residual map, identity at step 0
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Decomposition": "alm.hypernet.fvt",
+    "apply_decomposition": "alm.hypernet.fvt",
+    "decompose": "alm.hypernet.fvt",
+    "fvt_embeddings": "alm.hypernet.fvt",
+    "fvt_transformer": "alm.hypernet.fvt",
+    "EmbeddingProjector": "alm.hypernet.projector",
+    "ProjectorConfig": "alm.hypernet.projector",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later look-ups skip this hook
+    return value
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""FVT: Fast Vocabulary Transfer initialisation of new embeddings (SPEC section 8).
+"""FVT: Fast Vocabulary Transfer initialisation of new embeddings (docs/method.md §8).
 
 For every token of the new tokenizer:
 - a non-special token whose bytes are an old (non-special) token keeps that
@@ -211,8 +211,39 @@ def apply_decomposition(old_emb: np.ndarray, d: Decomposition, *,
   return out
 
 
+def check_embedding_rows(rows: int, old: ByteTokenizer) -> None:
+  """Raises ValueError unless an embedding table of `rows` rows covers `old`'s ids.
+
+  Args:
+    rows: rows of the old embedding table.
+    old: the tokenizer the table is supposed to belong to.
+  """
+  if rows < old.vocab_size:
+    raise ValueError(f"The embedding table has {rows} rows but the old tokenizer has "
+                     f"{old.vocab_size} ids; pass the model's own tokenizer as `old`.")
+
+
+def check_decomposition(d: Decomposition, new: ByteTokenizer, rows: int) -> None:
+  """Raises ValueError unless `d` decomposes `new`'s ids into rows below `rows`.
+
+  Args:
+    d: a decomposition (e.g. a cached one).
+    new: the tokenizer it should build embeddings for.
+    rows: rows of the old embedding table it indexes.
+  """
+  if len(d.offsets) - 1 != new.vocab_size:
+    raise ValueError(f"The decomposition has {len(d.offsets) - 1} new tokens but the new "
+                     f"tokenizer has {new.vocab_size} ids; compute it with "
+                     f"decompose(old, new) for this tokenizer pair.")
+  if d.flat.size and int(d.flat.max()) >= rows:
+    raise ValueError(f"The decomposition uses old id {int(d.flat.max())} but the embedding "
+                     f"table has {rows} rows; compute it with decompose(old, new) for the "
+                     f"model's own tokenizer.")
+
+
 def fvt_embeddings(old_input: np.ndarray, old_output: np.ndarray | None, old: ByteTokenizer,
-                   new: ByteTokenizer) -> tuple[np.ndarray, np.ndarray | None]:
+                   new: ByteTokenizer, *, decomposition: Decomposition | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
   """FVT-initialised (input, output) embeddings for the new tokenizer.
 
   Args:
@@ -221,42 +252,56 @@ def fvt_embeddings(old_input: np.ndarray, old_output: np.ndarray | None, old: By
       for a tied model.
     old: the old tokenizer.
     new: the new tokenizer.
+    decomposition: `decompose(old, new)` when the caller has it already
+      (e.g. cached on disk); computed here when None.
 
   Returns:
     ([V_new, D] input, [V_new, D] output or None).
+
+  Raises:
+    ValueError: the table has fewer rows than `old` has ids (`old` is not the
+      model's tokenizer), or `decomposition` does not fit `new` and the table.
   """
-  if old_input.shape[0] < old.vocab_size:
-    raise ValueError(f"The embedding table has {old_input.shape[0]} rows but the old tokenizer "
-                     f"has {old.vocab_size} ids; pass the tokenizer that belongs to the model.")
-  d = decompose(old, new)
+  check_embedding_rows(old_input.shape[0], old)
+  d = decompose(old, new) if decomposition is None else decomposition
+  check_decomposition(d, new, old_input.shape[0])
   out = None if old_output is None else apply_decomposition(old_output, d)
   return apply_decomposition(old_input, d), out
 
 
-def fvt_transformer(model, old: ByteTokenizer, new: ByteTokenizer):
+def fvt_transformer(model, old: ByteTokenizer, new: ByteTokenizer, *,
+                    decomposition: Decomposition | None = None):
   """A student Transformer for `new`: FVT embeddings, body shared with `model`.
 
   The student's blocks and final norm are the very same NNX Variables as the
   teacher's (one copy in memory; with `alm.models.lora` the teacher is the same
   body with LoRA switched off). Only the embedding table (and the lm_head of
-  an untied model) is new.
+  an untied model) is new, stored in `model.param_dtype`.
 
   Args:
     model: the teacher `alm.models.transformer.Transformer`.
     old: its tokenizer.
     new: the student's tokenizer.
+    decomposition: `decompose(old, new)` when the caller has it already (e.g.
+      `alm.training.students.cached_decomposition`); computed here when None.
 
   Returns:
     The student Transformer (config with the new vocabulary size and ids).
+
+  Raises:
+    ValueError: the model has fewer embedding rows than `old` has ids (pass
+      the model's own tokenizer), or `decomposition` does not fit.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from alm.models import transformer as tfm  # pylint: disable=import-outside-toplevel
 
   cfg = model.cfg
+  # Checked before the decomposition (a minute for a 150k vocabulary) and the
+  # host copies of the tables.
+  check_embedding_rows(model.embedder.embedding.shape[0], old)
   emb_in = np.asarray(model.embedder.embedding[...])
   emb_out = None if model.lm_head is None else np.asarray(model.lm_head.kernel[...]).T
-  new_in, new_out = fvt_embeddings(emb_in, emb_out, old, new)
+  new_in, new_out = fvt_embeddings(emb_in, emb_out, old, new, decomposition=decomposition)
   new_cfg = cfg.replace(vocab_size=new.vocab_size, bos_token_id=new.bos_id,
                         eos_token_id=new.eos_id, pad_token_id=getattr(new, "pad_id", None))
   student = tfm.abstract_transformer(new_cfg, dtype=model.dtype, param_dtype=model.param_dtype)
@@ -267,5 +312,4 @@ def fvt_transformer(model, old: ByteTokenizer, new: ByteTokenizer):
   # Share the body: same Variable objects, not copies.
   student.layers = model.layers
   student.final_norm = model.final_norm
-  del nnx
   return student

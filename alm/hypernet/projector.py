@@ -1,4 +1,4 @@
-"""The embedding projector of SPEC section 8: identity at step 0, learned after.
+"""The embedding projector (docs/method.md §8): identity at step 0, learned after.
 
     y = x + W_out(norm(blocks(x)))        W_out zero-initialised
 

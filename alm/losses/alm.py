@@ -1,9 +1,9 @@
 """The ALM objective: binarised f-divergences between aligned chunk likelihoods.
 
 Source: Minixhofer, Vulic, Ponti, "Universal Cross-Tokenizer Distillation via
-Approximate Likelihood Matching" (the paper in shared/seeds; SPEC sections
-3-4). For aligned chunk c with teacher and student chunk log-likelihoods
-`L^T_c`, `L^S_c` (path log-probs summed over the chunk, plus the
+Approximate Likelihood Matching"; restated, with the code's refinements, in
+docs/method.md §3-§4. For aligned chunk c with teacher and student chunk
+log-likelihoods `L^T_c`, `L^S_c` (path log-probs summed over the chunk, plus the
 outcome-debiasing boundary log-prob), temperature `tau`,
 `a_c = exp(L^T_c / tau)`, `b_c = exp(L^S_c / tau)`, the loss is
 
@@ -28,6 +28,7 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
+from alm._validation import check_choice
 from alm.losses import chunks as chunks_lib
 from alm.losses.reduce import LossSum
 
@@ -52,15 +53,9 @@ def check_gamma(gamma: float) -> None:
                      f"{gamma}")
 
 
-def _check_choice(name, value, literal):
-  valid = get_args(literal)
-  if value not in valid:
-    raise ValueError(f"{name}={value!r} is not valid; choose one of {valid}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ALMConfig:
-  """Options of the ALM loss (SPEC section 4).
+  """Options of the ALM loss (docs/method.md §4).
 
   Attributes:
     divergence: "kl" (default), "tv" or "reverse_kl".
@@ -88,7 +83,7 @@ class ALMConfig:
   block_rows: int = chunks_lib.DEFAULT_BLOCK_ROWS
 
   def __post_init__(self):
-    _check_choice("divergence", self.divergence, Divergence)
+    check_choice("divergence", self.divergence, Divergence)
     if self.constraint in HOST_CONSTRAINTS:
       raise ValueError(
           f"constraint={self.constraint!r} is applied where the chunks are made: "
@@ -96,7 +91,7 @@ class ALMConfig:
           f"constraint={self.constraint!r}, ...) (the data pipeline's "
           f"align_constraint), then use ALMConfig(constraint='unconstrained') "
           f"on those chunk ids")
-    _check_choice("constraint", self.constraint, Constraint)
+    check_choice("constraint", self.constraint, Constraint)
     if not (self.tau > 0 and math.isfinite(self.tau)):
       raise ValueError(f"tau must be a finite positive number, got {self.tau}")
     if self.tau < MIN_TAU:

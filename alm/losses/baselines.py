@@ -56,6 +56,14 @@ def _frozen_rows(logits):
 # ---------------------------------------------------------------------------
 
 
+# `uld_loss`'s default `top_k`: probabilities sorted per side and position.
+# Measured on SmolLM2-135M logits (V 49,152; students of 49,152 and 151,936
+# ids, trained or untrained): loss within 5e-5 (relative) of the exact value,
+# gradient cosine >= 0.99999 at every position; value+grad about 10x faster
+# than the full sort on CPU at V 151,936 (benchmarks/bench_losses.py).
+ULD_TOP_K = 4096
+
+
 def _predicting_positions(ids, loss_mask):
   """Rows' predicting positions (t-1 of trained tokens t), compacted."""
   b, t = ids.shape
@@ -69,8 +77,8 @@ def _predicting_positions(ids, loss_mask):
 
 def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
              teacher_loss_mask: jax.Array | None, student_logits: jax.Array,
-             student_ids: jax.Array, student_loss_mask: jax.Array | None
-             ) -> LossSum:
+             student_ids: jax.Array, student_loss_mask: jax.Array | None,
+             *, top_k: int | None = ULD_TOP_K) -> LossSum:
   """Universal Logit Distillation (Boizard et al., 2024).
 
   For the k-th trained token of each side (positions paired by index, as in
@@ -79,6 +87,16 @@ def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
   vocabulary padded with zeros). Rows are processed one at a time so the
   sorted [T, V] float32 probabilities exist for one row only.
 
+  With `top_k=K` only the K largest probabilities of each side are sorted
+  (`jax.lax.top_k`, far cheaper than a full sort of a large vocabulary) and
+  the rest, each side's tail mass `r = 1 - sum of its top K`, enters as
+  `|r_T - r_S|`: a lower bound of the tail's exact L1, which lies in
+  `[|r_T - r_S|, r_T + r_S]`. Each position's value is therefore at most
+  `2 * min(r_T, r_S)` below the exact one (and exact when K covers both
+  vocabularies). The gradient is the exact one on the top K entries' sorted
+  differences; the tail entries all get the sign of `r_S - r_T` instead of
+  their own.
+
   Args:
     teacher_logits: [B, T_T, V_T]; gradients are stopped.
     teacher_ids: int [B, T_T].
@@ -86,29 +104,41 @@ def uld_loss(teacher_logits: jax.Array, teacher_ids: jax.Array,
     student_logits: [B, T_S, V_S].
     student_ids: int [B, T_S].
     student_loss_mask: optional bool [B, T_S].
+    top_k: number of largest probabilities sorted per side; None sorts the
+      whole vocabularies (exact).
 
   Returns:
     `LossSum` over the paired positions.
+
+  Raises:
+    ValueError: if `top_k` is not None and < 1.
   """
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"uld_loss: top_k must be None or >= 1, got {top_k}")
   pt, nt = _predicting_positions(teacher_ids, teacher_loss_mask)
   ps, ns = _predicting_positions(student_ids, student_loss_mask)
   k = min(pt.shape[1], ps.shape[1])
   n = jnp.minimum(nt, ns)  # [B]
   vt, vs = teacher_logits.shape[-1], student_logits.shape[-1]
-  width = max(vt, vs)
+  width = max(vt, vs) if top_k is None else min(top_k, max(vt, vs))
   rows, teacher_row = _frozen_rows(teacher_logits)
 
-  def sorted_probs(logits, pos, v):
+  def sorted_head(logits, pos, v):
+    """[k, width] largest probabilities, descending, and [k] the rest's mass."""
     p = jax.nn.softmax(jnp.take(logits, jnp.maximum(pos[:k], 0), axis=0)
                        .astype(jnp.float32), axis=-1)
-    p = -jnp.sort(-p, axis=-1)
-    return jnp.pad(p, ((0, 0), (0, width - v)))
+    if width >= v:  # the whole vocabulary: exact
+      p, tail = -jnp.sort(-p, axis=-1), jnp.zeros(p.shape[:-1], p.dtype)
+    else:
+      p = jax.lax.top_k(p, width)[0]
+      tail = 1.0 - jnp.sum(p, axis=-1)
+    return jnp.pad(p, ((0, 0), (0, width - p.shape[-1]))), tail
 
   def row(args):
     i, ls, rpt, rps, rn = args
-    lt = teacher_row(i)
-    d = jnp.sum(jnp.abs(sorted_probs(lt, rpt, vt) - sorted_probs(ls, rps, vs)),
-                axis=-1)
+    ht, rt = sorted_head(teacher_row(i), rpt, vt)
+    hs, rs = sorted_head(ls, rps, vs)
+    d = jnp.sum(jnp.abs(ht - hs), axis=-1) + jnp.abs(rt - rs)
     return jnp.sum(jnp.where(jnp.arange(k) < rn, d, 0.0))
 
   # Rematerialised: otherwise the map's VJP keeps every row's float32

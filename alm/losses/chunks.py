@@ -1,6 +1,7 @@
 """Token and chunk log-likelihoods without a [B, T, V] float32 tensor.
 
-ALM compares the log-likelihoods of aligned chunks of tokens (SPEC section 3).
+ALM compares the log-likelihoods of aligned chunks of tokens (docs/method.md
+§3).
 A chunk's log-likelihood needs only two numbers per position out of the whole
 next-token distribution: the log-prob of the observed next token, and
 (for outcome-chunk debiasing) the log-prob that the next token starts with a
@@ -327,7 +328,7 @@ def token_logprobs(
   `path[b, t] = logits[b, t-1, ids[b, t]] - logsumexp(logits[b, t-1])`
   (`path[:, 0] = 0`), and, with a mask,
   `boundary[b, t] = logsumexp(logits[b, t, mask]) - logsumexp(logits[b, t])`
-  (SPEC section 3).
+  (docs/method.md §3).
 
   Args:
     logits: [B, T, V] logits of the model on `ids` (any float dtype).

@@ -4,7 +4,7 @@ Source: Zhang, Zhang, Xu, Wang, Chen, Xu, "Dual-Space Knowledge Distillation
 for Large Language Models" (EMNLP 2024), the cross-model attention (CMA)
 variant for teachers and students with different vocabularies, following the
 authors' reference criterion (`dual_space_kd_with_cma`). A baseline of the
-ALM paper (SPEC section 7).
+ALM paper (docs/method.md §7).
 
 For student position i (input token `s_i`, target `s_{i+1}`) and teacher
 position j (input `t_j`, target `t_{j+1}`), with frozen embedding tables

@@ -1,4 +1,6 @@
-"""GradMag: balance several losses by their gradient magnitudes (SPEC 6).
+"""GradMag: balance several losses by their gradient magnitudes.
+
+See docs/method.md §6.
 
 `w_k = 1 / ||grad_{theta_sub} L_k||` on a small parameter subset (e.g. the
 last block), treated as constants; the total is `sum_k w_k L_k / sum_k w_k`.
@@ -62,9 +64,29 @@ def gradmag_value_and_grad(
     sq = sum(jnp.sum(jnp.square(l.astype(jnp.float32)))
              for l, s in zip(leaves, subset) if s)
     norms[k] = jnp.sqrt(sq)
-  raw = {k: jax.lax.stop_gradient(1.0 / (norms[k] + eps)) for k in names}
-  denom = sum(raw.values())
-  weights = {k: raw[k] / denom for k in names}
+  w = balance_weights(jnp.stack([norms[k] for k in names]), eps=eps)
+  weights = {k: w[i] for i, k in enumerate(names)}
   total = sum(weights[k] * losses[k] for k in names)
   (grads,) = vjp({k: weights[k].astype(losses[k].dtype) for k in names})
   return total, grads, GradMagInfo(losses=losses, norms=norms, weights=weights)
+
+
+def balance_weights(norms: jax.Array, base: jax.Array | None = None, *,
+                    eps: float = 1e-12) -> jax.Array:
+  """GradMag's weights from per-loss gradient norms on the subset, as constants.
+
+  `w_k = b_k / (|g_k| + eps) / sum_j b_j / (|g_j| + eps)` with base weights
+  `b` (default all 1: the plain GradMag of `gradmag_value_and_grad`).
+
+  Args:
+    norms: float [K] subset gradient norms of the K losses.
+    base: optional float [K] base weights (a loss with base 0 gets weight 0).
+    eps: added to each norm.
+
+  Returns:
+    float32 [K] weights summing to 1 (stop-gradient).
+  """
+  raw = 1.0 / (norms.astype(jnp.float32) + eps)
+  if base is not None:
+    raw = raw * base
+  return jax.lax.stop_gradient(raw / jnp.sum(raw))

@@ -1,4 +1,4 @@
-"""Hidden-state alignment at the ends of aligned chunks (SPEC section 6).
+"""Hidden-state alignment at the ends of aligned chunks (docs/method.md §6).
 
 Source: the auxiliary hidden-state loss of Minixhofer et al., "Universal
 Cross-Tokenizer Distillation via Approximate Likelihood Matching". At the last
@@ -8,10 +8,10 @@ token of each (unconstrained) chunk, for each chosen layer pair (l, l'):
 
 where `ms_l[d]` is the teacher's per-channel mean square over the chunks of
 the batch, averaged over chunks and layer pairs. The channels are summed, as
-in SPEC's squared norm `||h^T - P(h^S)||^2` (a mean would shrink the loss,
-and its weight against the ALM loss, by the teacher width): a student that
-outputs zeros scores exactly the teacher width D_T. `P` is a learned linear map
-when the widths differ, the identity otherwise.
+in the squared norm `||h^T - P(h^S)||^2` of docs/method.md §6 (a mean would
+shrink the loss, and its weight against the ALM loss, by the teacher width): a
+student that outputs zeros scores exactly the teacher width D_T. `P` is a
+learned linear map when the widths differ, the identity otherwise.
 """
 
 from __future__ import annotations
@@ -99,3 +99,27 @@ def hidden_state_loss(
     err = jnp.sum((et - es) ** 2 / jnp.maximum(ms, 1e-12), axis=-1)  # [B,C]
     total = total + jnp.sum(jnp.where(valid, err, 0.0))
   return LossSum(total=total / len(teacher_hidden), count=count)
+
+
+def chunk_end_square_sums(
+    teacher_hidden: Sequence[jax.Array], teacher_chunk_ids: jax.Array,
+    student_chunk_ids: jax.Array, *, teacher_loss_mask: jax.Array | None = None,
+    student_loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per-pair sums of the teacher's squared chunk-end states, and the chunk count.
+
+  Summed over several (micro-)batches and divided, they give the
+  `channel_mean_square` of `hidden_state_loss` over the whole batch.
+
+  Returns:
+    (float32 [P, D_T] sums over valid chunks, float32 scalar count).
+  """
+  c = min(teacher_chunk_ids.shape[1], student_chunk_ids.shape[1])
+  ct = _chunk_ends(None, teacher_chunk_ids.shape, teacher_chunk_ids, c, teacher_loss_mask)
+  cs = _chunk_ends(None, student_chunk_ids.shape, student_chunk_ids, c, student_loss_mask)
+  valid = ct.valid & cs.valid
+  sums = []
+  for ht in teacher_hidden:
+    et = jnp.take_along_axis(jax.lax.stop_gradient(ht).astype(jnp.float32),
+                             ct.last[..., None], axis=1)
+    sums.append(jnp.sum(jnp.where(valid[..., None], et**2, 0.0), axis=(0, 1)))
+  return jnp.stack(sums), jnp.sum(valid).astype(jnp.float32)

@@ -6,13 +6,14 @@ loading/saving (HF safetensors, GGUF), generation, sharding.
   out = model(ids, hidden_layers=(-1,))                    # out.logits, out.hidden_states
   generate(model, ids, max_new_tokens=20)
   shard_model(model, make_mesh(data=2, fsdp=2, tensor=2))
+
+Bits per byte of a model on texts: `alm.eval.bpb.bits_per_byte`.
 """
 
 from alm.models.config import ConfigError, ModelConfig, RopeScaling
 from alm.models.generate import GenerationResult, SamplingConfig, generate
 from alm.models.loading import (CheckpointError, load_gguf, load_hf, load_model, load_weights,
                                 save_model)
-from alm.models.scoring import bits_per_byte, token_logprobs
 from alm.models.sharding import ShardingRules, make_mesh, shard_model
 from alm.models.transformer import (InputError, KVCache, ModelOutput, Transformer,
                                     abstract_transformer, check_token_ids)
@@ -20,7 +21,6 @@ from alm.models.transformer import (InputError, KVCache, ModelOutput, Transforme
 __all__ = [
     "CheckpointError", "ConfigError", "GenerationResult", "InputError", "KVCache", "ModelConfig",
     "ModelOutput", "RopeScaling", "SamplingConfig", "ShardingRules", "Transformer",
-    "abstract_transformer", "bits_per_byte", "check_token_ids", "generate", "load_gguf",
-    "load_hf", "load_model", "load_weights", "make_mesh", "save_model", "shard_model",
-    "token_logprobs",
+    "abstract_transformer", "check_token_ids", "generate", "load_gguf", "load_hf", "load_model",
+    "load_weights", "make_mesh", "save_model", "shard_model",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args
 
+from alm._validation import check_choice
+
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
 Activation = Literal["silu", "gelu_tanh"]
@@ -29,12 +31,6 @@ GGUF_ARCHITECTURES = ("llama", "gemma3")
 
 class ConfigError(ValueError):
   """A model configuration is invalid or uses a feature alm does not implement."""
-
-
-def _check_literal(name: str, value: Any, literal: Any) -> None:
-  valid = get_args(literal)
-  if value not in valid:
-    raise ConfigError(f"{name}={value!r} is not valid; valid values: {', '.join(map(repr, valid))}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +54,7 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
   def __post_init__(self):
-    _check_literal("rope_scaling.rope_type", self.rope_type, RopeType)
+    check_choice("rope_scaling.rope_type", self.rope_type, RopeType, error=ConfigError)
     if self.factor <= 0:
       raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}.")
 
@@ -139,8 +135,8 @@ class ModelConfig:
   pad_token_id: int | None = None
 
   def __post_init__(self):
-    _check_literal("family", self.family, Family)
-    _check_literal("activation", self.activation, Activation)
+    check_choice("family", self.family, Family, error=ConfigError)
+    check_choice("activation", self.activation, Activation, error=ConfigError)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim"):
       v = getattr(self, name)
@@ -159,8 +155,8 @@ class ModelConfig:
     if len(self.layer_types) != self.num_layers:
       raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_layers is "
                         f"{self.num_layers}.")
-    for t in self.layer_types:
-      _check_literal("layer_types[i]", t, LayerType)
+    for i, t in enumerate(self.layer_types):
+      check_choice(f"layer_types[{i}]", t, LayerType, error=ConfigError)
     if "sliding" in self.layer_types and not self.sliding_window:
       raise ConfigError("Some layer_types are 'sliding' but sliding_window is not set.")
     if isinstance(self.rope_scaling, dict):

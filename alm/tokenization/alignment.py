@@ -1,4 +1,4 @@
-"""Greedy chunk alignment of two tokenizations of the same text (SPEC section 2).
+"""Greedy chunk alignment of two tokenizations of the same text (docs/method.md §2).
 
 Both tokenizations encode the same bytes, so the chunk boundaries are the byte
 offsets at which a token ends on both sides. They are found by intersecting
@@ -13,8 +13,8 @@ Conventions (shared with `alm.losses`):
     0 of a sequence is never predicted, so the chunk that contains token 0 of
     *either* side is dropped (-1): its likelihood would miss a term on that
     side. Loss code can therefore treat every chunk id >= 0 as valid.
-  * A chunk's last token on each side (where the boundary log-prob of SPEC
-    section 3 is read) is the largest position carrying its id; see
+  * A chunk's last token on each side (where the boundary log-prob of
+    docs/method.md §3 is read) is the largest position carrying its id; see
     `last_token_indices` (on device: `jax.ops.segment_max` over positions).
   * With `loss_mask`s (chat data), a chunk that contains a token outside the
     mask on either side is dropped: only chunks made entirely of target
@@ -174,7 +174,7 @@ def _match_specials(t: Encoding, s: Encoding, common: np.ndarray, tokenizers) ->
 def align(teacher_enc: Encoding, student_enc: Encoding, *,
           constraint: Constraint = "unconstrained", bias_tables=None, gamma: float = 0.1,
           teacher_tokenizer=None, student_tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
-  """Aligns two tokenizations of one text into chunks (SPEC sections 2 and 4).
+  """Aligns two tokenizations of one text into chunks (docs/method.md §2, §4).
 
   Args:
     teacher_enc: the teacher's encoding.

@@ -1,7 +1,7 @@
 """The one byte-level interface every tokenizer of the toolkit implements.
 
 ALM works on bytes: every token maps to the exact UTF-8 bytes it stands for,
-and every encoded token carries its byte span in the text (SPEC section 1).
+and every encoded token carries its byte span in the text (docs/method.md §1).
 Special tokens (BOS, EOS, chat markers) carry no text bytes: their span is
 empty (`start == end`, placed where they occur) and `special` is True.
 """
@@ -45,7 +45,7 @@ class Encoding:
 
 
 class ByteTokenizer(abc.ABC):
-  """A tokenizer seen as a function of bytes (SPEC section 1).
+  """A tokenizer seen as a function of bytes (docs/method.md §1).
 
   Subclasses wrap HF `tokenizers`, SentencePiece, tiktoken-style rank files,
   GGUF metadata, and the toolkit's own byte tokenizer.

@@ -1,4 +1,4 @@
-"""Tokenization-bias tables of a tokenizer pair (SPEC section 5).
+"""Tokenization-bias tables of a tokenizer pair (docs/method.md §5).
 
 For a token `v`, a *cover* is a token `w` that starts inside `v` at byte `i`
 (`bytes(w) = bytes(v)[i:] + y` with a non-empty continuation `y`) such that
@@ -409,7 +409,7 @@ def compute_bias_tables(teacher, student, teacher_counts: np.ndarray, student_co
                         *, smoothing: float = 0.0, observed_only: bool = True,
                         progress: Callable[[str, int, int], None] | None = None,
                         meta: dict | None = None) -> BiasTables:
-  """Computes the sparse b1/b2 tables of a tokenizer pair (SPEC section 5).
+  """Computes the sparse b1/b2 tables of a tokenizer pair (docs/method.md §5).
 
   Args:
     teacher: teacher `alm` ByteTokenizer.

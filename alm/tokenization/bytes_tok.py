@@ -1,6 +1,6 @@
 """The toolkit's own byte tokenizer: ids 0..255 are the bytes, then specials.
 
-Used by byte-level students (SPEC section 8). Encoding is a `np.frombuffer`;
+Used by byte-level students (docs/method.md §8). Encoding is a `np.frombuffer`;
 spans are `arange`. `save_pretrained` writes an equivalent HF tokenizer.json
 (byte-level BPE without merges), so saved byte-level models load elsewhere.
 """

@@ -108,7 +108,7 @@ def to_text(text: str | bytes) -> tuple[str, bytes]:
 
 def compute_boundary_bytes(token_bytes: Sequence[bytes], special: Iterable[int], *,
                            tolerance: float = 1e-3) -> frozenset[int]:
-  """The pretoken-boundary bytes of a vocabulary (SPEC section 1).
+  """The pretoken-boundary bytes of a vocabulary (docs/method.md §1).
 
   A candidate whitespace byte (space, tab, newline, carriage return) is a
   boundary byte when tokens do not contain it after a non-whitespace
@@ -384,7 +384,7 @@ class VocabTokenizer(ByteTokenizer):
 def shared_boundary_bytes(teacher: ByteTokenizer, student: ByteTokenizer) -> frozenset[int]:
   """The pretoken-boundary bytes of a tokenizer pair: those of both vocabularies.
 
-  Outcome debiasing (SPEC section 3) compares the teacher's and the student's
+  Outcome debiasing (docs/method.md §3) compares the teacher's and the student's
   probability of "this chunk, then a token starting with a boundary byte".
   The two are probabilities of the same event only when "boundary byte" is
   one set on both sides: with SmolLM2 (space, tab, newline, CR) and Qwen3

@@ -1,6 +1,6 @@
 """Optimizer and learning-rate schedule: Adam without weight decay, warm-up then decay.
 
-The paper's recipe (SPEC section 9): Adam (no weight decay), linear warm-up
+The paper's recipe (docs/method.md §9): Adam (no weight decay), linear warm-up
 from 0 to the peak over `warmup_steps`, then linear decay to `decay_to * peak`
 at the last step. A global-norm gradient clip is optional (on by default at 1.0,
 a common guard for freshly initialised embeddings; 0 disables it).
@@ -27,10 +27,11 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
   Returns:
     An optax schedule (step -> learning rate).
   """
-  peak = cfg.learning_rate
-  warm = min(cfg.warmup_steps, cfg.steps)
-  decay_steps = max(cfg.steps - warm, 1)
-  end = cfg.decay_to * peak
+  o = cfg.optimizer
+  peak = o.learning_rate
+  warm = min(o.warmup_steps, o.steps)
+  decay_steps = max(o.steps - warm, 1)
+  end = o.decay_to * peak
   warmup = optax.linear_schedule(peak / max(warm, 1), peak, transition_steps=max(warm - 1, 1))
   decay = optax.linear_schedule(peak, end, transition_steps=decay_steps)
   if warm == 0:
@@ -48,7 +49,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     The optax transformation.
   """
   parts = []
-  if cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  if cfg.optimizer.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.optimizer.grad_clip))
   parts.append(optax.adam(learning_rate_schedule(cfg)))
   return optax.chain(*parts)

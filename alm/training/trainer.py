@@ -49,7 +49,7 @@ from alm.training import step as step_lib
 from alm.training.checkpoint import Checkpointer
 from alm.training.config import TrainConfig
 from alm.training.metrics import MetricsLogger, read_history, write_report
-from alm.training.model import TransferModel, count_params
+from alm.training.students import DistillationModel, count_params
 from alm.training.optim import learning_rate_schedule, make_optimizer
 from alm.training.rundir import RunLock
 
@@ -109,12 +109,12 @@ def _json_safe(x: Any) -> Any:
   return json.loads(json.dumps(x, default=str))
 
 
-def run_fingerprint(model: TransferModel, teacher_tok: ByteTokenizer, student_tok: ByteTokenizer,
+def run_fingerprint(model: DistillationModel, teacher_tok: ByteTokenizer, student_tok: ByteTokenizer,
                     cfg: TrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """What a checkpoint must match to be resumed by this run.
 
   Args:
-    model: the transfer model.
+    model: the distillation model.
     teacher_tok: the teacher tokenizer.
     student_tok: the student tokenizer.
     cfg: the training config.
@@ -127,6 +127,8 @@ def run_fingerprint(model: TransferModel, teacher_tok: ByteTokenizer, student_to
     return {"name": str(getattr(t, "name", type(t).__name__)), "vocab_size": int(t.vocab_size)}
   return _json_safe({
       "teacher_model": dataclasses.asdict(model.teacher.transformer.cfg),
+      "student_kind": model.kind,
+      "student_model": dataclasses.asdict(model.student.transformer.cfg),
       "teacher_tokenizer": tok(teacher_tok),
       "student_tokenizer": tok(student_tok),
       "train_config": cfg.to_dict(),
@@ -135,15 +137,16 @@ def run_fingerprint(model: TransferModel, teacher_tok: ByteTokenizer, student_to
 
 
 class Trainer:
-  """Runs tokenizer-transfer training (see the module docstring).
+  """Runs distillation training of any objective and student kind (see the module docstring).
 
   Args:
-    model: the `TransferModel` (from `alm.training.model.build_transfer_model`).
+    model: the `DistillationModel` (`alm.training.build_transfer_model`,
+      `build_distill_model` or `build_model`).
     teacher_tok: the teacher tokenizer.
     student_tok: the student tokenizer.
     cfg: the training config.
     train_data: an `alm.data.pipeline.Pipeline` (iterator with `state()` /
-      `restore()`) of training batches of `cfg.batch_size` rows.
+      `restore()`) of training batches of `cfg.shapes.batch_size` rows.
     eval_batches: fixed held-out batches (same feature layout).
     extra_eval: more held-out sets, {label: batches}, evaluated like
       `eval_batches` and reported under `<key>@<label>` (e.g. text of another
@@ -151,33 +154,36 @@ class Trainer:
     opts: output, evaluation and checkpoint options.
     fingerprint_extra: identifying information stored with checkpoints.
     summary_extra: added to the report's summary table (e.g. the command).
+    title: the report's title (default: "Distillation").
   """
 
-  def __init__(self, model: TransferModel, teacher_tok: ByteTokenizer,
+  def __init__(self, model: DistillationModel, teacher_tok: ByteTokenizer,
                student_tok: ByteTokenizer, cfg: TrainConfig, train_data,
                eval_batches: Sequence[dict[str, np.ndarray]], opts: RunOptions, *,
                extra_eval: dict[str, Sequence[dict[str, np.ndarray]]] | None = None,
                fingerprint_extra: dict[str, Any] | None = None,
-               summary_extra: dict[str, Any] | None = None):
-    self.cfg, self.opts = cfg, opts
+               summary_extra: dict[str, Any] | None = None, title: str = "Distillation"):
+    self.cfg, self.opts, self.title = cfg, opts, title
     self.teacher_tok, self.student_tok = teacher_tok, student_tok
     self.data = train_data
     self.summary_extra = dict(summary_extra or {})
-    self.mesh = sharding_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    self.mesh = sharding_lib.make_mesh(cfg.mesh.mesh_data, cfg.mesh.mesh_fsdp,
+                                       cfg.mesh.mesh_tensor)
     self.fingerprint = run_fingerprint(model, teacher_tok, student_tok, cfg, fingerprint_extra)
     data_cfg = getattr(train_data, "cfg", None)
-    want = step_lib.pipeline_constraint(cfg)
+    want = step_lib.Objective(cfg).data_constraint
     got = getattr(data_cfg, "align_constraint", None)
     if got is not None and got != want:
       # "space" / "unbiased" chunks are merged by the pipeline only (the step treats
       # them as unconstrained), so a mismatch would silently train on the wrong chunks.
+      obj = cfg.objective
       raise ValueError(
-          f"The training data is aligned with constraint={got!r}, but method={cfg.method!r} "
-          f"with constraint={cfg.constraint!r} needs {want!r} chunks from the pipeline: "
+          f"The training data is aligned with constraint={got!r}, but method={obj.method!r} "
+          f"with constraint={obj.constraint!r} needs {want!r} chunks from the pipeline: "
           f"PipelineConfig(align_constraint={want!r})"
           + (" and align_fn=alm.training.transfer.bias_tables_align_fn(tables, gamma)"
              if want == "unbiased" else "") + ".")
-    consts = step_lib.make_consts(cfg, teacher_tok, student_tok)
+    consts = step_lib.make_consts(model, cfg, teacher_tok, student_tok)
     self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh)
     self.schedule = learning_rate_schedule(cfg)
     self.eval_batches = [self._put_eval(b) for b in eval_batches]
@@ -329,7 +335,8 @@ class Trainer:
     meta = self._restore()
     # The history is cut back to the restored step (a fresh run: emptied), so records
     # of steps that are about to be redone, or of an abandoned run, do not linger.
-    logger = MetricsLogger(self.opts.out_dir, self.cfg.steps, initial_step=st.step,
+    steps = self.cfg.optimizer.steps
+    logger = MetricsLogger(self.opts.out_dir, steps, initial_step=st.step,
                            progress=self.opts.progress, tensorboard=self.opts.tensorboard,
                            keep_until=st.step if meta is not None else -1)
     try:
@@ -342,8 +349,7 @@ class Trainer:
       last_t, last_step, tokens = time.time(), st.step, 0
       pending: list[tuple[int, dict]] = []
       streak, last_bad = 0, None  # consecutive non-finite steps, as last fetched
-      end = self.cfg.steps if self.opts.stop_after is None else min(self.cfg.steps,
-                                                                    self.opts.stop_after)
+      end = steps if self.opts.stop_after is None else min(steps, self.opts.stop_after)
       while st.step < end:
         batch = next(self.data)
         tokens += int((np.asarray(batch["student_segment_ids"]) > 0).sum())
@@ -351,7 +357,7 @@ class Trainer:
         metrics = self.stepper.step(batch)
         pending.append((st.step, {**metrics, "learning_rate": lr, **self._skipped_documents()}))
         save_now = (self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0
-                    and st.step < self.cfg.steps)
+                    and st.step < steps)
         # Fetched before a save too: a checkpoint is written only outside a non-finite streak.
         if st.step % self.opts.log_every == 0 or st.step == end or save_now:
           jax.block_until_ready(metrics)
@@ -376,14 +382,14 @@ class Trainer:
                             st.step, streak)
           else:
             self._save(base)
-      if self.opts.stop_after is not None and st.step < self.cfg.steps:
+      if self.opts.stop_after is not None and st.step < steps:
         return {"stopped_at": st.step}
       ev = self.evaluate()
       logger.log(st.step, "eval", ev)
       self._save(base)
     finally:
       logger.close()
-    summary = {"method": self.cfg.method, "steps": st.step, "seed": self.cfg.seed,
+    summary = {"method": self.cfg.objective.method, "steps": st.step, "seed": self.cfg.seed,
                "skipped_nonfinite_steps": int(sum(
                    r.get("skipped_nonfinite", 0) for r in read_history(self.opts.out_dir)
                    if r["kind"] == "train"))}
@@ -398,12 +404,12 @@ class Trainer:
     summary.update({"wall_s": time.time() - t_start, **self._skipped_documents(),
                     **self.summary_extra})
     write_report(self.opts.out_dir, summary,
-                 title=f"Tokenizer transfer ({self.cfg.method}, {st.step} steps)")
+                 title=f"{self.title} ({self.cfg.objective.method}, {st.step} steps)")
     (Path(self.opts.out_dir) / "summary.json").write_text(json.dumps(_json_safe(summary),
                                                                      indent=1))
     return summary
 
-  def model(self) -> TransferModel:
+  def model(self) -> DistillationModel:
     """The model with the current parameters."""
     return self.stepper.model()
 

@@ -1,15 +1,20 @@
-"""Tokenizer transfer end to end: load, build, train, evaluate, export.
+"""Distillation runs end to end: load, build, train, evaluate, export.
 
-`run_transfer(job, cfg, opts)` is what `experiments/transfer_tokenizer.py`
-calls after parsing its flags; a library user calls it directly:
+`run_transfer(job, cfg, opts)` is what `experiments/transfer_tokenizer.py` and
+`experiments/distill.py` call after parsing their flags. Without
+`job.student_model` it is tokenizer transfer (the teacher's body with new
+embeddings for `job.target_tokenizer`, `alm.training.students.SharedBody`);
+with it, large-to-small distillation into that separate model and its own
+tokenizer (`Separate`). A library user calls it directly:
 
     summary = run_transfer(
         TransferJob(model="smollm2-135m-instruct", target_tokenizer="qwen3"),
-        TrainConfig(method="alm", steps=100), RunOptions(out_dir="runs/demo"))
+        TrainConfig.build(preset="demo", method="alm", steps=100),
+        RunOptions(out_dir="runs/demo"))
 
 Every input is checked before the slow work starts (the target tokenizer is
 loaded and checked to be lossless, the data files are indexed and validated,
-the method's loss must exist), so bad input fails in seconds with a message
+the objective must be buildable), so bad input fails in seconds with a message
 naming the problem.
 """
 
@@ -42,7 +47,10 @@ class TransferJob:
   Attributes:
     model: asset name, .gguf file or HF directory of the teacher.
     target_tokenizer: the new tokenizer (asset name or path; see
-      `alm.load_tokenizer`).
+      `alm.load_tokenizer`); ignored when `student_model` is given.
+    student_model: a separate student model (asset name, .gguf file or HF
+      directory) distilled from `model` with its own tokenizer; "" for
+      tokenizer transfer of `model` itself.
     data: training documents (`alm.data.sources.open_source` spec; "default"
       is the offline default corpus's training split).
     heldout_data: held-out documents for bits per byte ("default:heldout").
@@ -75,6 +83,7 @@ class TransferJob:
 
   model: str = "smollm2-135m-instruct"
   target_tokenizer: str = "qwen3"
+  student_model: str = ""
   data: str = "default"
   heldout_data: str = "default:heldout"
   extra_heldout: tuple[tuple[str, str], ...] = ()
@@ -91,12 +100,11 @@ class TransferJob:
   text_normalization: str = "auto"
 
   def __post_init__(self):
-    from alm.data import pipeline  # pylint: disable=import-outside-toplevel
-    for name, valid in (("bad_documents", pipeline.BAD_DOCUMENTS),
-                        ("text_normalization", pipeline.TEXT_NORMALIZATIONS)):
-      if getattr(self, name) not in valid:
-        raise ValueError(f"Unknown {name} {getattr(self, name)!r}; valid values: "
-                         f"{', '.join(valid)}.")
+    # pylint: disable=import-outside-toplevel
+    from alm._validation import check_choice
+    from alm.data import pipeline
+    check_choice("bad_documents", self.bad_documents, pipeline.BAD_DOCUMENTS)
+    check_choice("text_normalization", self.text_normalization, pipeline.TEXT_NORMALIZATIONS)
     if not self.text_field:
       raise ValueError("text_field must be a non-empty field name.")
     for name, low in (("eval_batches", 1), ("eval_batch_size", 1), ("num_workers", 0)):
@@ -116,7 +124,12 @@ class BiasTablesError(ValueError):
 
 def _build_command(job: TransferJob, directory: str) -> str:
   return (f"python -m experiments.compute_bias_tables --teacher={job.model} "
-          f"--student={job.target_tokenizer} --out={directory or 'DIR'}")
+          f"--student={_student_spec(job)} --out={directory or 'DIR'}")
+
+
+def _student_spec(job: TransferJob) -> str:
+  """What names the student's tokenizer: the separate student model, or the target tokenizer."""
+  return job.student_model or job.target_tokenizer
 
 
 def check_bias_tables_dir(job: TransferJob) -> Path:
@@ -182,7 +195,7 @@ def load_bias_tables(job: TransferJob, teacher_tok, student_tok):
     raise BiasTablesError(
         f"--bias_tables={d} holds tables of {tables.teacher!r} -> {tables.student!r}, not of "
         f"this pair ({getattr(teacher_tok, 'name', job.model)!r} -> "
-        f"{getattr(student_tok, 'name', job.target_tokenizer)!r}): {problem}. Build tables "
+        f"{getattr(student_tok, 'name', _student_spec(job))!r}): {problem}. Build tables "
         "for this pair with: " + _build_command(job, "NEW_DIR"))
   return tables
 
@@ -205,22 +218,23 @@ def _tables_digest(tables) -> str:
 
 def _pipeline_config(cfg: TrainConfig, job: TransferJob, *, eval_: bool = False):
   from alm.data.pipeline import PipelineConfig  # pylint: disable=import-outside-toplevel
-  from alm.training.step import pipeline_constraint  # pylint: disable=import-outside-toplevel
-  align = pipeline_constraint(cfg)
+  from alm.training.step import Objective  # pylint: disable=import-outside-toplevel
+  align = Objective(cfg).data_constraint
+  shapes = cfg.shapes
   if eval_:
-    return PipelineConfig(batch_size=job.eval_batch_size, teacher_len=cfg.teacher_len,
-                          student_len=cfg.student_len, mode="pad", shuffle=False, num_epochs=1,
+    return PipelineConfig(batch_size=job.eval_batch_size, teacher_len=shapes.teacher_len,
+                          student_len=shapes.student_len, mode="pad", shuffle=False, num_epochs=1,
                           seed=0, align_constraint="unconstrained",
                           bad_documents=job.bad_documents,
                           text_normalization=job.text_normalization)
   import jax  # pylint: disable=import-outside-toplevel
   n_proc = jax.process_count()
-  if cfg.batch_size % n_proc:
-    raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of "
+  if shapes.batch_size % n_proc:
+    raise ValueError(f"batch_size={shapes.batch_size} must be divisible by the number of "
                      f"processes ({n_proc}).")
   # Multi-host: every process reads its own shard and its share of the batch.
-  return PipelineConfig(batch_size=cfg.batch_size // n_proc, teacher_len=cfg.teacher_len,
-                        student_len=cfg.student_len, mode="pack" if job.pack else "pad",
+  return PipelineConfig(batch_size=shapes.batch_size // n_proc, teacher_len=shapes.teacher_len,
+                        student_len=shapes.student_len, mode="pack" if job.pack else "pad",
                         seed=cfg.seed, num_workers=job.num_workers, align_constraint=align,
                         shard_index=jax.process_index(), shard_count=n_proc,
                         bad_documents=job.bad_documents,
@@ -289,7 +303,6 @@ def run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, *,
   Raises:
     alm.TokenizerError: the target tokenizer is lossy or malformed.
     alm.data.sources.DataError: a data file is not usable (names file and line).
-    alm.training.step.MethodNotAvailableError: the method's loss is missing.
     BiasTablesError: constraint "unbiased" without usable bias tables of
       this tokenizer pair.
     alm.training.checkpoint.CheckpointMismatchError: `resume` found a
@@ -316,17 +329,25 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   from alm.data.sources import open_source
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
-  from alm.training.model import build_transfer_model, export_student
-  from alm.training.step import check_method_available, needs_bias_tables
+  from alm.training.step import Objective
+  from alm.training.config import TrainConfigError
+  from alm.training.students import (DTYPES, build_distill_model, build_transfer_model,
+                                     export_student)
 
   t0 = time.time()
-  check_method_available(cfg)
-  if needs_bias_tables(cfg):
+  needs_bias_tables = Objective(cfg).needs_bias_tables
+  if needs_bias_tables:
     check_bias_tables_dir(job)  # fail in a second, before the model loads
   elif job.bias_tables:
-    logging.warning("Ignoring bias_tables=%s: only constraint='unbiased' with an ALM method "
+    logging.warning("Ignoring bias_tables=%s: only constraint='unbiased' with an ALM term "
                     "uses them.", job.bias_tables)
-  student_tok = load_tokenizer(job.target_tokenizer)
+  # The student's tokenizer (a separate student's own, read without its weights).
+  student_tok = load_tokenizer(_student_spec(job))
+  separate = bool(job.student_model)
+  if not separate and cfg.shapes.teacher_param_dtype != "float32":
+    raise TrainConfigError("teacher_param_dtype applies to a separate teacher (large-to-small "
+                           "distillation); in tokenizer transfer the student shares the "
+                           "teacher's body, which stays float32.")
   train_src = open_source(job.data, text_field=job.text_field)
   heldout_src = open_source(job.heldout_data, text_field=job.text_field)
   extra_srcs = {label: open_source(spec, text_field=job.text_field)
@@ -336,9 +357,15 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
                            {"--data": train_src, "--heldout_data": heldout_src,
                             **{f"--extra_heldout={k}": v for k, v in extra_srcs.items()}})
   _hold_output_dirs(job, opts, command, held)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
-  teacher, teacher_tok = load_model(job.model, dtype=dtype)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.shapes.dtype]
+  teacher, teacher_tok = load_model(
+      job.model, dtype=dtype,
+      param_dtype=DTYPES[cfg.shapes.teacher_param_dtype] if separate else jnp.float32)
   logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
+  student = None
+  if separate:
+    student, student_tok = load_model(job.student_model, dtype=dtype)
+    logging.info("Loaded the student %s (%.1fs)", job.student_model, time.time() - t0)
   extra_specs = dict(job.extra_heldout)
   if job.teacher_samples:
     # Sampled before the student exists: the untouched teacher, its own distribution.
@@ -349,20 +376,25 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     extra_srcs[TEACHER_LABEL] = open_source(str(path))
     logging.info("Teacher-sampled held-out set: %s", path)
   # The normalization changes the text of some documents, so a resume must use the same.
-  fingerprint = {"model": job.model, "target_tokenizer": job.target_tokenizer,
+  fingerprint = {"model": job.model, "target_tokenizer": _student_spec(job),
                  "data": job.data, "pack": job.pack,
                  "text_normalization": resolve_text_normalization(job.text_normalization,
                                                                   teacher_tok, student_tok)}
   if job.text_field != "text":
     fingerprint["text_field"] = job.text_field
   align_fn = None
-  if needs_bias_tables(cfg):
+  if needs_bias_tables:
     tables = load_bias_tables(job, teacher_tok, student_tok)
-    align_fn = bias_tables_align_fn(tables, cfg.gamma)
+    align_fn = bias_tables_align_fn(tables, cfg.objective.gamma)
     fingerprint["bias_tables"] = _tables_digest(tables)
     logging.info("Bias tables: %d pairs from %s", len(tables.keys), job.bias_tables)
-  model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
-  logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer, time.time() - t0)
+  if separate:
+    fingerprint["student_model"] = job.student_model
+    model = build_distill_model(teacher, teacher_tok, student, student_tok, cfg)
+  else:
+    model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
+    logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer,
+                 time.time() - t0)
   train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job),
                    align_fn=align_fn)
   skipped_heldout = {}
@@ -381,7 +413,9 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     n_batches[TEACHER_LABEL] = -(-job.teacher_samples // job.eval_batch_size)
   extra_eval = {label: heldout_batches(src, n_batches[label], f"@{label}")
                 for label, src in extra_srcs.items()}
-  extra = {"model": job.model, "target_tokenizer": job.target_tokenizer, "data": job.data,
+  extra = {"model": job.model, **({"student_model": job.student_model} if separate else
+                                   {"target_tokenizer": job.target_tokenizer}),
+           "data": job.data,
            "heldout": job.heldout_data, "heldout_rows": len(heldout) * job.eval_batch_size,
            # The main set's count always; another set's only when it skipped any.
            **{k: v for k, v in skipped_heldout.items() if v or "@" not in k}}
@@ -390,7 +424,8 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   if command:
     extra["command"] = command
   trainer = Trainer(model, teacher_tok, student_tok, cfg, train, heldout, opts,
-                    extra_eval=extra_eval, fingerprint_extra=fingerprint, summary_extra=extra)
+                    extra_eval=extra_eval, fingerprint_extra=fingerprint, summary_extra=extra,
+                    title="Distillation" if separate else "Tokenizer transfer")
   try:
     summary = trainer.fit()
   finally:
