@@ -10,7 +10,7 @@ until a model or loss is used):
 
 from __future__ import annotations
 
-import importlib
+from alm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -29,9 +29,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    mod = importlib.import_module(_LAZY[name])
-    return mod if mod.__name__.endswith("." + name) else getattr(mod, name)
-  raise AttributeError(f"module 'alm' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

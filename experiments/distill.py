@@ -28,10 +28,6 @@ automatically), and the exported student (HF directory) in --export_dir.
 
 from __future__ import annotations
 
-import logging
-import shlex
-import sys
-
 from absl import app, flags
 
 from alm.training import cli
@@ -49,33 +45,9 @@ cli.define_run_flags(default_out_dir="runs/distill")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
-  cfg = cli.train_config_from_flags()
   if not FLAGS.student:
     raise app.UsageError("--student must name the student model (e.g. smollm2-135m-instruct).")
-  try:
-    job = TransferJob(model=FLAGS.teacher, student_model=FLAGS.student,
-                      export_dir=cli.export_dir_from_flags(), **cli.data_job_kwargs(TransferJob))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-
-  import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  # pylint: disable=import-outside-toplevel
-  from alm.training.transfer import format_summary, report_path, run_transfer
-
-  opts = cli.run_options_from_flags()
-  command = "python -m experiments.distill " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  try:
-    summary = run_transfer(job, cfg, opts, command=command)
-  except cli.user_errors() as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"\nDistillation {FLAGS.teacher} -> {FLAGS.student} done (report: {report_path(opts)}):")
-  print(format_summary(summary))
+  cli.run_from_flags(argv, "experiments.distill", model=FLAGS.teacher, student_model=FLAGS.student)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,6 @@ devices and each process reads its own shard of the data.
 
 from __future__ import annotations
 
-import logging
-import shlex
-import sys
-
 from absl import app, flags
 
 from alm.training import cli
@@ -64,35 +60,7 @@ cli.define_run_flags(default_out_dir="runs/transfer")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
-  # Option errors surface before any model is loaded.
-  cfg = cli.train_config_from_flags()
-  try:
-    job = TransferJob(model=FLAGS.model, target_tokenizer=FLAGS.target_tokenizer,
-                      export_dir=cli.export_dir_from_flags(), **cli.data_job_kwargs(TransferJob))
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-
-  import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  # pylint: disable=import-outside-toplevel
-  from alm.training.transfer import format_summary, report_path, run_transfer
-
-  opts = cli.run_options_from_flags()
-  command = "python -m experiments.transfer_tokenizer " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
-  try:
-    summary = run_transfer(job, cfg, opts, command=command)
-  except cli.user_errors() as e:
-    # Bad input: the message says what and how to fix it; a traceback adds nothing.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"\nTokenizer transfer {FLAGS.model} -> {FLAGS.target_tokenizer} done "
-        f"(report: {report_path(opts)}):")
-  print(format_summary(summary))
+  cli.run_from_flags(argv, "experiments.transfer_tokenizer", model=FLAGS.model, target_tokenizer=FLAGS.target_tokenizer)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ The offline default corpus (`alm.data.corpus`):
 
 from __future__ import annotations
 
-import importlib
+from alm._lazy import lazy_exports
 
 _LAZY = {
     # alm.data.pipeline
@@ -50,14 +50,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later look-ups skip this hook
-    return value
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

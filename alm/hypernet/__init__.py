@@ -14,7 +14,7 @@ The embedding projector (`alm.hypernet.projector`):
 
 from __future__ import annotations
 
-import importlib
+from alm._lazy import lazy_exports
 
 _LAZY = {
     "Decomposition": "alm.hypernet.fvt",
@@ -28,14 +28,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later look-ups skip this hook
-    return value
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -22,7 +22,7 @@ Importing `alm.training` is cheap; the names load on first use.
 
 from __future__ import annotations
 
-import importlib
+from alm._lazy import lazy_exports
 
 _LAZY = {
     "TrainConfig": "alm.training.config",
@@ -57,8 +57,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    return getattr(importlib.import_module(_LAZY[name]), name)
-  raise AttributeError(f"module 'alm.training' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

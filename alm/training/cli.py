@@ -229,3 +229,45 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from alm.training.transfer import BiasTablesError
   return (TokenizerError, DataError, CheckpointMismatchError, BiasTablesError, FileNotFoundError,
           ModelFileError, OutputDirError, NonFiniteTrainingError, TrainConfigError)
+
+
+def run_from_flags(argv, binary: str, **job_fields: Any) -> None:
+  """The body of an experiment binary's `main`: config, job, run, one-line errors, summary.
+
+  Args:
+    argv: `main`'s argv (no positional arguments are accepted).
+    binary: the module name (`experiments.distill`), for the recorded command.
+    **job_fields: the job's model fields (`model=`, `target_tokenizer=` or
+      `student_model=`); the data and export fields come from the flags.
+  """
+  import logging  # pylint: disable=import-outside-toplevel
+  import shlex  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from alm.training.transfer import TransferJob  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  # Option errors surface before any model is loaded.
+  cfg = train_config_from_flags()
+  try:
+    job = TransferJob(export_dir=export_dir_from_flags(), **job_fields,
+                      **data_job_kwargs(TransferJob))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  # pylint: disable=import-outside-toplevel
+  from alm.training.transfer import format_summary, report_path, run_transfer
+  opts = run_options_from_flags()
+  command = f"python -m {binary} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  try:
+    summary = run_transfer(job, cfg, opts, command=command)
+  except user_errors() as e:
+    # Bad input: the message says what and how to fix it; a traceback adds nothing.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  what = "Distillation" if job.student_model else "Tokenizer transfer"
+  print(f"\n{what} {job.model} -> {job.student_model or job.target_tokenizer} done (report: "
+        f"{report_path(opts)}):")
+  print(format_summary(summary))
