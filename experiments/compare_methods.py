@@ -38,17 +38,22 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", ["alm", "sft"], "Methods to compare (the binary's --method).")
 flags.DEFINE_enum("binary", "transfer_tokenizer", ["transfer_tokenizer", "distill"],
                   "The experiment to run per method (experiments/<binary>.py).")
+flags.DEFINE_multi_string("variant", [], "LABEL=FLAGS: one more run, under LABEL, with these "
+                          "space-separated flags (repeatable), e.g. "
+                          "'alm+sft+gradmag=--method=alm+sft --combine=gradmag'.")
 flags.DEFINE_string("out_dir", "runs/compare", "One sub-directory per method, plus the comparison.")
 flags.DEFINE_bool("rerun", False, "Run every method again even if it already finished.")
 
 
-def run_one(method: str, out_dir: Path, passthrough: Sequence[str], rerun: bool) -> dict[str, Any]:
-  """Runs (or reuses) one method's transfer; returns its summary.json."""
+def run_one(method: str, out_dir: Path, passthrough: Sequence[str], rerun: bool,
+            run_flags: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs (or reuses) one method's (or variant's) run; returns its summary.json."""
   summary_path = out_dir / "summary.json"
   if summary_path.exists() and not rerun:
     print(f"[compare] {method}: already done ({summary_path})", flush=True)
     return json.loads(summary_path.read_text())
-  cmd = [sys.executable, "-m", f"experiments.{FLAGS.binary}", f"--method={method}",
+  run_flags = [f"--method={method}"] if run_flags is None else list(run_flags)
+  cmd = [sys.executable, "-m", f"experiments.{FLAGS.binary}", *run_flags,
          f"--out_dir={out_dir}", *passthrough]
   if rerun:
     cmd.append("--noresume")
@@ -90,25 +95,34 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> Pat
             "its flags different? Re-run with --rerun.")
   teacher, init = first["teacher_bpb"], first["init_student_bpb"]
   steps = {s["steps"] for s in summaries.values()}
-  lines = ["# Tokenizer-transfer methods compared", "",
-           f"Model {first.get('model', '?')} -> tokenizer {first.get('target_tokenizer', '?')}, "
+  distill = "student_model" in first
+  pair = (f"Teacher {first.get('model', '?')} -> student {first['student_model']}" if distill
+          else f"Model {first.get('model', '?')} -> tokenizer "
+               f"{first.get('target_tokenizer', '?')}")
+  lines = [f"# {'Distillation' if distill else 'Tokenizer-transfer'} methods compared", "",
+           f"{pair}, "
            f"data {first.get('data', '?')}, {'/'.join(map(str, sorted(steps)))} steps, seed "
            f"{first.get('seed', '?')}; held-out bits per byte "
            f"({first.get('heldout_rows', '?')} rows per held-out set)."]
   for sfx in sfxs:
     name = (f"{sfx[1:]} (`{first.get('heldout' + sfx, sfx[1:])}`)" if sfx else
             f"main (`{first.get('heldout', 'default:heldout')}`)")
-    lines += ["", f"Held-out set: {name}", "",
-              "| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
+    below = first[f"init_student_bpb{sfx}"] <= first[f"teacher_bpb{sfx}"]
+    lines += ["", f"Held-out set: {name}", ""]
+    if below:
+      lines += ["The student starts at or below the teacher's bits per byte here, so there is "
+                "no gap to close: lower is better, the gap column is not defined.", ""]
+    lines += ["| model | bits/byte | gap to teacher closed |", "|---|---|---|"]
     rows = [("teacher (own tokenizer)", first[f"teacher_bpb{sfx}"], None),
             ("student before training" if "student_model" in first else
-             "FVT-initialised student", first[f"init_student_bpb{sfx}"], 0.0)]
-    rows += [(f"{m} student", s[f"final_student_bpb{sfx}"], s[f"gap_closed{sfx}"])
-             for m, s in summaries.items()]
+             "FVT-initialised student", first[f"init_student_bpb{sfx}"], None if below else 0.0)]
+    rows += [(f"{m} student", s[f"final_student_bpb{sfx}"], None if below else
+              s[f"gap_closed{sfx}"]) for m, s in summaries.items()]
     for row, bpb, gap in rows:
       lines.append(f"| {row} | {bpb:.4f} | {'—' if gap is None else f'{100 * gap:.0f} %'} |")
     best = min(summaries, key=lambda m, sfx=sfx: summaries[m][f"final_student_bpb{sfx}"])
-    lines += ["", f"Closest to the teacher here: **{best}**."]
+    lines += ["", f"{'Lowest bits per byte' if below else 'Closest to the teacher'} here: "
+                  f"**{best}**."]
   lines += ["", "![held-out bits per byte](comparison.png)", ""]
   for m, s in summaries.items():
     if "command" in s:
@@ -162,7 +176,15 @@ def main(argv):
     raise app.UsageError("--methods lists a method twice.")
   out = Path(FLAGS.out_dir).resolve()
   out.mkdir(parents=True, exist_ok=True)
+  variants = {}
+  for v in FLAGS.variant:
+    label, sep, run_flags = v.partition("=")
+    if not sep or not label or "/" in label or label in FLAGS.methods or label in variants:
+      raise app.UsageError(f"--variant={v!r}: write LABEL=FLAGS with a new label (no '/').")
+    variants[label] = run_flags.split()
   summaries = {m: run_one(m, out / m, passthrough, FLAGS.rerun) for m in FLAGS.methods}
+  summaries.update({label: run_one(label, out / label, passthrough, FLAGS.rerun, run_flags)
+                    for label, run_flags in variants.items()})
   md = write_comparison(out, summaries)
   print()
   print(md.read_text())

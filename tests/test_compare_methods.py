@@ -87,3 +87,15 @@ def test_extra_heldout_sets_get_their_own_table(tmp_path):
   s["sft"]["init_student_bpb@prose"] = 2.9
   with pytest.raises(ValueError, match="held-out set @prose"):
     compare_methods.write_comparison(tmp_path, s)
+
+
+def test_distillation_comparison_with_a_student_below_its_teacher(tmp_path):
+  # Large-to-small: the student can start below its teacher on a held-out set.
+  s = {m: _fake_run(tmp_path / m, m, f, teacher=1.3, init=1.27) for m, f in
+       (("alm+sft", 1.17), ("sft", 1.16))}
+  for v in s.values():
+    v["student_model"] = "small"
+  md = compare_methods.write_comparison(tmp_path, s).read_text()
+  assert md.startswith("# Distillation methods compared") and "-> student small" in md
+  assert "no gap to close" in md and "| student before training | 1.2700 | 0 % |" not in md
+  assert "| sft student | 1.1600 | — |" in md and "Lowest bits per byte here: **sft**" in md
