@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.alm-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast experiments-check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -24,11 +24,15 @@ demo: $(STAMP)
 	$(VPY) -m experiments.transfer_tokenizer --out_dir=runs/demo
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not experiment" tests
 
 # Skips the tests that load the real models.
 test-fast: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -m "not slow and not experiment" tests
+
+# The long real-model comparisons (ALM vs SFT direction; minutes each).
+experiments-check: $(STAMP)
+	$(VPY) -m pytest -q -m experiment tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

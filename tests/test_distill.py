@@ -1,7 +1,7 @@
 """Large-to-small distillation: a separate student of another family and width.
 
-The tiny teacher (gemma3, width 32, a subword vocabulary) teaches a tiny
-student (qwen2, width 24, the byte vocabulary). Every method and the
+The tiny teacher (llama, width 32, a subword vocabulary) teaches a tiny
+student (qwen2: qkv biases, untied head; width 24, the byte vocabulary). Every method and the
 hidden-state term with GradMag train on this pair; the teacher never changes;
 full fine-tuning trains every student parameter, LoRA only the adapters;
 resume is bit-identical; the exported student reproduces the trained one.
@@ -35,7 +35,7 @@ def _cfg(**kw):
 
 
 def _teacher():
-  return tiny_model("gemma3", vocab_size=tu.teacher_tokenizer().vocab_size, seed=0)
+  return tu.teacher_model(0)
 
 
 def _student():
@@ -121,7 +121,7 @@ def test_a_student_without_rows_for_its_tokenizer_is_refused():
 
 
 def test_separate_student_resumes_bit_identically_and_exports(corpus, tmp_path):
-  cfg = _cfg(steps=2, grad_accum=2, batch_size=4)
+  cfg = _cfg(steps=2)
   full = _trainer(corpus, tmp_path / "full", cfg, checkpoint_every=1)
   full.fit()
   part = _trainer(corpus, tmp_path / "part", cfg, checkpoint_every=1, stop_after=1)
