@@ -55,6 +55,13 @@ def _define(name: str, default: Any, kind: Any, help_: str, meta: dict | None = 
     flags.register_validator(name, ok, message=_bound_message(low, strict, high))
 
 
+def _register_minimums(minimums: dict[str, int]) -> None:
+  """Integer flags refused below their minimum when the flags are parsed."""
+  for name, low in minimums.items():
+    flags.register_validator(name, lambda v, low=low: v is None or v >= low,
+                             message=f"must be >= {low}")
+
+
 def define_train_flags(default_preset: str | None = None) -> None:
   """One flag per `TrainConfig` option, plus --preset and --print_config."""
   presets = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in p.items())
@@ -133,10 +140,8 @@ def define_data_flags(job_cls) -> None:
   flags.DEFINE_string("bias_tables", None, "Tokenization-bias tables of this tokenizer pair "
                       "(a directory written by experiments.compute_bias_tables); needed by "
                       "--constraint=unbiased.")
-  for name, low in (("teacher_samples", 0), ("teacher_sample_tokens", 8), ("eval_batches", 1),
-                    ("eval_batch_size", 1), ("num_workers", 0)):
-    flags.register_validator(name, lambda v, low=low: v is None or v >= low,
-                             message=f"must be >= {low}")
+  _register_minimums({"teacher_samples": 0, "teacher_sample_tokens": 8, "eval_batches": 1,
+                      "eval_batch_size": 1, "num_workers": 0})
 
 
 def extra_heldout_from_flags() -> tuple[tuple[str, str], ...]:
@@ -193,10 +198,8 @@ def define_run_flags(default_out_dir: str) -> None:
   flags.DEFINE_integer("max_nonfinite_steps", d("max_nonfinite_steps"), "Stop after this many "
                        "consecutive steps with a non-finite loss or gradient (each is skipped, "
                        "not applied; the last checkpoint is kept).")
-  for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("eval_every", 0),
-                    ("log_every", 1), ("max_nonfinite_steps", 1)):
-    flags.register_validator(name, lambda v, low=low: v is None or v >= low,
-                             message=f"must be >= {low}")
+  _register_minimums({"checkpoint_every": 0, "keep_checkpoints": 1, "eval_every": 0,
+                      "log_every": 1, "max_nonfinite_steps": 1})
 
 
 def run_options_from_flags():
