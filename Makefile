@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e ".[dev]"
 	$(VPY) -m alm.assets install
+	$(VPY) -m alm.eval.tasks build
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -6,9 +6,10 @@ sequence when the tokenizer adds no BOS) are left out of both sums, so the
 number of bytes is exactly the bytes the model was asked to predict; special
 tokens (BOS) are never targets.
 
-`sequence_bits` is the one implementation of the sums (on logits, jittable);
-`bits_per_byte` runs it over texts, and the trainer's held-out evaluation over
-pipeline batches.
+`sequence_bits` is the one implementation of the sums (on logits, jittable,
+over the log-probs of the scoring core `alm.eval.scoring`); `bits_per_byte`
+runs it over texts, and the trainer's held-out evaluation over pipeline
+batches.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from alm.losses import chunks as chunks_lib
+from alm.eval import scoring
 from alm.tokenization.base import ByteTokenizer
 
 
@@ -47,9 +47,8 @@ def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
   """Bits, target bytes and target tokens of a batch of sequences.
 
   `bits = -Σ_{targets} log p(ids[b, t] | ids[b, <t]) / ln 2`, with the
-  log-probs of `alm.losses.chunks.token_logprobs` (blockwise over the
-  vocabulary, precise for near-certain tokens). Position 0 is never a target
-  (nothing predicts it), whatever `target_mask` says there.
+  log-probs of the scoring core (`alm.eval.scoring.logit_scores`). Position
+  0 is never a target (nothing predicts it), whatever `target_mask` says there.
 
   Args:
     logits: [B, T, V] logits of the model on `ids` (position t predicts
@@ -68,17 +67,11 @@ def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
     raise ValueError(f"sequence_bits needs logits [B, T, V] and ids, target_mask, num_bytes "
                      f"[B, T]; got shapes {logits.shape}, {ids.shape}, {target_mask.shape}, "
                      f"{num_bytes.shape}.")
-  lp = chunks_lib.token_logprobs(logits, ids).path  # [B, T], 0 at t = 0
+  lp = scoring.logit_scores(logits, ids).logprobs  # [B, T], 0 at t = 0
   m = jnp.asarray(target_mask, bool).at[:, 0].set(False)
   bits = (-jnp.sum(jnp.where(m, lp, 0.0)) / jnp.log(2.0)).astype(jnp.float32)
   nbytes = jnp.sum(jnp.where(m, num_bytes, 0)).astype(jnp.float32)
   return bits, nbytes, jnp.sum(m).astype(jnp.float32)
-
-
-@nnx.jit
-def _batch_bits(model, ids, mask, target, num_bytes):
-  logits = model(ids, attention_mask=mask).logits  # [B, T, V]
-  return sequence_bits(logits, ids, target, num_bytes)
 
 
 def bits_per_byte(model, tokenizer: ByteTokenizer, texts: Sequence[str], *,
@@ -113,8 +106,8 @@ def bits_per_byte(model, tokenizer: ByteTokenizer, texts: Sequence[str], *,
       mask[r, :k] = True
       target[r, 1:k] = ~e.special[1:k]
       nb[r, :k] = (e.ends - e.starts)[:k]
-    b, nby, nt = _batch_bits(model, *map(jnp.asarray, (ids, mask, target, nb)))
-    bits += float(b)
-    nbytes += int(nby)
-    ntok += int(nt)
+    lp = np.asarray(scoring.score_tokens(model, ids, mask).logprobs, np.float64)
+    bits -= float(np.sum(lp[target])) / np.log(2.0)
+    nbytes += int(np.sum(nb[target]))
+    ntok += int(np.sum(target))
   return BpbResult(bits=bits, bytes=nbytes, tokens=ntok)

@@ -21,6 +21,7 @@ same family's markers.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -144,6 +145,84 @@ def _segments(family: ChatFamily, msgs: list[Message]) -> list[_Seg]:
   else:
     raise ValueError(f"Unknown chat family {family!r}; valid families: {', '.join(FAMILIES)}.")
   return segs
+
+
+def chat_text(family: ChatFamily, messages: Sequence[Message | Mapping[str, str]], *,
+              add_generation_prompt: bool = False) -> tuple[str, tuple[str, ...]]:
+  """A conversation rendered as one string, the family's markers written literally.
+
+  For interfaces that pass prompts as strings (lm-eval's `apply_chat_template`):
+  `encode_with_markers` turns the string back into the ids `render_chat` gives
+  (markers as their ids, text runs encoded one by one).
+
+  Args:
+    family: the template.
+    messages: `Message`s or dicts with "role" and "content".
+    add_generation_prompt: end with the opening of an assistant turn (what a
+      model continues to answer).
+
+  Returns:
+    (text, markers): the rendering and the marker strings it may contain.
+  """
+  if family not in FAMILIES:
+    raise ValueError(f"Unknown chat family {family!r}; valid families: {', '.join(FAMILIES)}.")
+  msgs = _normalize_messages(messages)
+  segs = _segments(family, msgs + [Message("assistant", "")] if add_generation_prompt else msgs)
+  if add_generation_prompt:
+    # Cut at the (empty) content of the added assistant turn.
+    cut = max(i for i, g in enumerate(segs) if g.target and g.special is None)
+    segs = segs[:cut]
+  probe = _segments(family, [Message("user", ""), Message("assistant", "")])
+  markers = tuple(sorted({g.special for g in probe if g.special is not None}))
+  return "".join(g.special if g.special is not None else g.text for g in segs), markers
+
+
+def encode_with_markers(tok: VocabTokenizer, text: str, markers: Sequence[str], *,
+                        add_special_tokens: bool = True) -> Encoding:
+  """Encodes `text`, turning each literal marker string into its special id.
+
+  Text between markers is encoded run by run (markers and text never merge);
+  spans are byte offsets into the concatenated text runs, as in `render_chat`.
+
+  Raises:
+    TokenizerError: a marker is not a special token of `tok`.
+  """
+  ms = sorted(set(markers), key=len, reverse=True)
+  if not ms or not any(m in text for m in ms):
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+  pattern = re.compile("|".join(re.escape(m) for m in ms))
+  ids, starts, ends, special, texts = [], [], [], [], []
+  offset = 0
+  if add_special_tokens and tok.add_bos and tok.bos_id is not None:
+    ids.append([tok.bos_id])
+    starts.append([0])
+    ends.append([0])
+    special.append([True])
+  pos = 0
+  for piece in [*pattern.finditer(text), None]:
+    run = text[pos:piece.start()] if piece is not None else text[pos:]
+    if run:
+      enc = tok.encode(run, add_special_tokens=False)
+      ids.append(enc.ids)
+      starts.append(enc.starts + offset)
+      ends.append(enc.ends + offset)
+      special.append(enc.special)
+      texts.append(enc.text)
+      offset += len(enc.text)
+    if piece is None:
+      break
+    i = special_token_id(tok, piece.group())
+    if i is None or i not in tok.special_ids:
+      raise TokenizerError(f"Tokenizer {tok.name!r} has no special token {piece.group()!r}.")
+    ids.append([i])
+    starts.append([offset])
+    ends.append([offset])
+    special.append([True])
+    pos = piece.end()
+  return Encoding(ids=np.concatenate(ids).astype(np.int32),
+                  starts=np.concatenate(starts).astype(np.int32),
+                  ends=np.concatenate(ends).astype(np.int32),
+                  special=np.concatenate(special).astype(bool), text=b"".join(texts))
 
 
 def render_chat(tok: VocabTokenizer, messages: Sequence[Message | Mapping[str, str]], *,
