@@ -11,6 +11,10 @@ lm-eval (`alm.eval.harness`, `alm.eval.tasks`; needs lm-eval, `make setup` insta
   build_task_pack           -- the offline task pack (arithmetic, BIG-bench, held-out bpb)
   task_manager              -- an lm-eval TaskManager over the pack
 
+Ensembles (`alm.eval.ensemble`, models that share a tokenizer):
+  Ensemble, load_ensemble   -- mean of probabilities or of logits; scores like a model
+  generate_ensemble         -- lockstep generation, one KV cache per model
+
 Bits per byte (`alm.eval.bpb`):
   bits_per_byte, BpbResult  -- a likelihood measure comparable across tokenizers
 
@@ -25,8 +29,11 @@ from alm._lazy import lazy_exports
 
 _LAZY = {
     "ALMLM": "alm.eval.harness",
+    "Ensemble": "alm.eval.ensemble",
     "TokenScores": "alm.eval.scoring",
     "build_task_pack": "alm.eval.tasks",
+    "generate_ensemble": "alm.eval.ensemble",
+    "load_ensemble": "alm.eval.ensemble",
     "logit_scores": "alm.eval.scoring",
     "score_tokens": "alm.eval.scoring",
     "task_manager": "alm.eval.tasks",

@@ -9,7 +9,7 @@
 or from lm-eval's own command line, once this module is imported
 (`--model alm --model_args pretrained=NAME,batch_size=8`).
 
-Conventions (docs/method.md §13), chosen so the numbers compare with the
+Conventions (docs/method.md §12), chosen so the numbers compare with the
 harness's published ones:
 - `loglikelihood(context, continuation)`: trailing whitespace of the context
   moves to the continuation; context + continuation are encoded jointly and
@@ -266,8 +266,10 @@ class ALMLM(LM):
           seq = encs[group[min(r, len(group) - 1)]]
           ids[r, t - len(seq):] = seq
           mask[r, t - len(seq):] = True
-        res = generate(self.model, ids, attention_mask=mask, max_new_tokens=max_new,
-                       sampling=sampling, eos_id=self.tokenizer.eos_id)
+        gen = getattr(self.model, "generate", None)  # an alm.eval.Ensemble's: lockstep
+        args = (ids,) if gen is not None else (self.model, ids)
+        res = (gen or generate)(*args, attention_mask=mask, max_new_tokens=max_new,
+                                sampling=sampling, eos_id=self.tokenizer.eos_id)
         for r, i in enumerate(group):
           toks = res.tokens[r, :res.lengths[r]]
           text = self.tokenizer.decode(toks)
