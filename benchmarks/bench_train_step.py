@@ -30,6 +30,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from absl import app, flags
 
@@ -46,6 +47,8 @@ flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
 flags.DEFINE_string("target", "qwen3", "Target tokenizer (shared-body student).")
 flags.DEFINE_string("student", "", "A separate student model (large-to-small); '' : the "
                     "shared-body student of tokenizer transfer.")
+flags.DEFINE_enum("teacher_param_dtype", "float32", ["float32", "bfloat16"],
+                  "Storage dtype of a separate student's frozen teacher.")
 flags.DEFINE_integer("uld_top_k", 4096, "ULD's top-K (0: the exact full sort).")
 flags.DEFINE_integer("batch_size", 2, "Rows per step.")
 flags.DEFINE_integer("length", 128, "Tokens per row (both sides).")
@@ -66,8 +69,8 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def _load(name: str):
-  model, tok = load_model(name)
+def _load(name: str, param_dtype=jnp.float32):
+  model, tok = load_model(name, param_dtype=param_dtype)
   if FLAGS.num_layers:
     model.layers = nnx.List(list(model.layers)[:FLAGS.num_layers])
     model.cfg = model.cfg.replace(num_layers=FLAGS.num_layers)
@@ -80,8 +83,11 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
   cfg = TrainConfig.build(method=method, steps=100, batch_size=FLAGS.batch_size,
                           teacher_len=FLAGS.length, student_len=FLAGS.length, lora_rank=rank,
                           lora_alpha=float(max(rank, 1)), uld_top_k=FLAGS.uld_top_k,
-                          train_body=bool(FLAGS.student) and rank == 0)
-  teacher, _ = _load(FLAGS.model)
+                          train_body=bool(FLAGS.student) and rank == 0,
+                          **({"teacher_param_dtype": FLAGS.teacher_param_dtype}
+                             if FLAGS.student else {}))
+  teacher, _ = _load(FLAGS.model, jnp.bfloat16 if FLAGS.student
+                     and FLAGS.teacher_param_dtype == "bfloat16" else jnp.float32)
   if FLAGS.student:
     model = build_distill_model(teacher, teacher_tok, _load(FLAGS.student)[0], student_tok, cfg)
   else:

@@ -105,17 +105,22 @@ def tiny():
   return model, tok
 
 
-def _pairs(n, seed=0):
+def cut_pairs(texts, n, *, seed=0, max_context=40, max_continuation=30):
+  """n (context, continuation) pairs cut at random character offsets of `texts`."""
   rng = np.random.default_rng(seed)
-  texts = [t for t in tiny_corpus() if len(t) > 60]
   out = []
   for _ in range(n):
     t = texts[rng.integers(len(texts))]
-    a = int(rng.integers(0, 40))
-    b = int(rng.integers(a + 1, a + 30))
+    a = int(rng.integers(0, max_context))
+    b = int(rng.integers(a + 1, a + max_continuation))
     out.append((t[:a], t[a:b]))
-  out += [("The answer is ", "42"), ("", "hello world"), ("x", " y"), ("ab", "c")]
   return out
+
+
+def _pairs(n, seed=0):
+  texts = [t for t in tiny_corpus() if len(t) > 60]
+  return cut_pairs(texts, n, seed=seed) + [("The answer is ", "42"), ("", "hello world"),
+                                           ("x", " y"), ("ab", "c")]
 
 
 def test_loglikelihood_matches_independent_reference(tiny):

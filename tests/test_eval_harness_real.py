@@ -21,7 +21,7 @@ pytest.importorskip("lm_eval")
 import alm  # pylint: disable=wrong-import-position
 from alm.data.corpus import default_corpus  # pylint: disable=wrong-import-position
 from alm.eval.harness import ALMLM  # pylint: disable=wrong-import-position
-from test_eval_harness import _inst, _plain_logits, reference_loglikelihoods  # pylint: disable=wrong-import-position
+from test_eval_harness import _inst, _plain_logits, cut_pairs, reference_loglikelihoods  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +33,8 @@ def _requests(n, seed=0):
   for path in default_corpus("heldout"):
     with open(path, encoding="utf-8") as f:
       texts += [json.loads(line)["text"] for line in f]
-  texts = [t for t in texts if len(t) > 200]
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    t = texts[rng.integers(len(texts))]
-    a = int(rng.integers(0, 100))
-    b = int(rng.integers(a + 1, a + 40))
-    out.append((t[:a], t[a:b]))
-  return out
+  return cut_pairs([t for t in texts if len(t) > 200], n, seed=seed, max_context=100,
+                   max_continuation=40)
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])

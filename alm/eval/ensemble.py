@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 
 from alm._validation import check_choice
-from alm.models.generate import GenerationResult, SamplingConfig, sample_logits
-from alm.models.transformer import InputError, KVCache, check_token_ids
+from alm.models.generate import (GenerationResult, SamplingConfig, check_generation_inputs,
+                                 sample_logits)
+from alm.models.transformer import KVCache, check_token_ids
 from alm.tokenization.base import ByteTokenizer
 
 EnsembleMode = Literal["prob", "logit"]
@@ -334,15 +335,8 @@ def generate_ensemble(ensemble: Ensemble, input_ids, *, max_new_tokens: int,
     raise TypeError(f"generate_ensemble needs an Ensemble, got {type(ensemble).__name__}; "
                     "for one model use alm.models.generate.generate.")
   sampling = sampling or SamplingConfig()
-  ids = np.asarray(input_ids)
-  check_token_ids(ids, ensemble.vocab_size)
-  if max_new_tokens < 1:
-    raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
-  if mask.shape != ids.shape:
-    raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}.")
-  if not mask[:, -1].all():
-    raise InputError("Every prompt's last token must be real: left-pad batched prompts.")
+  ids, mask = check_generation_inputs(input_ids, attention_mask, ensemble.vocab_size,
+                                      max_new_tokens)
   graphdef, state = nnx.split(ensemble)
   tokens, lengths = _generate_ensemble(
       graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jax.random.key(seed),

@@ -652,21 +652,13 @@ def build_task_pack(out_dir: str | os.PathLike | None = None, *, seed: int = 0,
     return _relocate(out)
   if out.exists() and any(out.iterdir()) and old is None:
     raise FileExistsError(f"{out} is neither empty nor a task pack; choose another out_dir.")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-  try:
+  from alm.training.rundir import atomic_directory  # pylint: disable=import-outside-toplevel
+  with atomic_directory(out, "task pack") as tmp:  # renamed into place only when complete
     t0 = time.perf_counter()
     manifest = _build(tmp, options, bigbench_sdist)
     manifest.update(root=str(out), build_seconds=round(time.perf_counter() - t0, 2))
     _write_yamls(manifest, tmp)  # naming the final paths: valid once renamed
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.chmod(tmp, 0o755)
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

@@ -107,6 +107,26 @@ def _generate(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens
   return tokens, lengths
 
 
+def check_generation_inputs(input_ids, attention_mask, vocab_size: int,
+                            max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """Validated (ids, bool mask) of left-padded prompts (shared by every generator).
+
+  Raises:
+    InputError: bad shape/dtype, ids out of range, max_new_tokens < 1, a mask
+      of another shape, or a prompt whose last token is padding.
+  """
+  ids = np.asarray(input_ids)
+  check_token_ids(ids, vocab_size)
+  if max_new_tokens < 1:
+    raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+  if mask.shape != ids.shape:
+    raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}.")
+  if not mask[:, -1].all():
+    raise InputError("Every prompt's last token must be real: left-pad batched prompts.")
+  return ids, mask
+
+
 def generate(model: Transformer, input_ids, *, max_new_tokens: int, attention_mask=None,
              sampling: SamplingConfig | None = None, seed: int = 0, eos_id: int | None = None,
              pad_id: int = 0) -> GenerationResult:
@@ -129,15 +149,8 @@ def generate(model: Transformer, input_ids, *, max_new_tokens: int, attention_ma
     InputError: bad prompt shape/dtype or ids out of range.
   """
   sampling = sampling or SamplingConfig()
-  ids = np.asarray(input_ids)
-  check_token_ids(ids, model.cfg.vocab_size)
-  if max_new_tokens < 1:
-    raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
-  if mask.shape != ids.shape:
-    raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}.")
-  if not mask[:, -1].all():
-    raise InputError("Every prompt's last token must be real: left-pad batched prompts.")
+  ids, mask = check_generation_inputs(input_ids, attention_mask, model.cfg.vocab_size,
+                                      max_new_tokens)
   graphdef, state = nnx.split(model)
   tokens, lengths = _generate(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
                               jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
