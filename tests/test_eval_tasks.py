@@ -262,6 +262,12 @@ def test_pack_manifest_reuse_and_rebuild(tmp_path, sdist, heldout, monkeypatch):
   for t in m["tasks"]:
     assert hashlib.sha256((d / t["file"]).read_bytes()).hexdigest() == t["sha256"]
     assert (d / t["file"]).with_suffix(".yaml").exists()
+    if t["kind"] == "multiple_choice":  # a uniform guess among each document's choices
+      docs = _read_jsonl(d / t["file"])
+      assert t["chance"] == pytest.approx(sum(1 / len(x["choices"]) for x in docs) / len(docs),
+                                          abs=1e-4)
+    else:
+      assert "chance" not in t
   assert T.pack_tasks(d) == {
       "alm_arithmetic": [f"alm_arithmetic_{k}" for k in T.ARITHMETIC_KINDS],
       "alm_bigbench": ["alm_bb_toy_mc", "alm_bb_toy_prefixed"],
@@ -393,6 +399,8 @@ def test_default_bigbench_tasks_from_the_real_sdist(tmp_path):
     docs = _read_jsonl(d / t["file"])
     if t["kind"] == "multiple_choice":
       assert all(0 <= doc["gold"] < len(doc["choices"]) for doc in docs)
+      assert t["chance"] == pytest.approx(
+          sum(1 / len(doc["choices"]) for doc in docs) / len(docs), abs=1e-4)
     else:
       assert all(re.fullmatch(r"Q: What is \d+ plus \d+\?\nA:", doc["query"]) for doc in docs)
   gk = _read_jsonl(d / "bigbench/alm_bb_general_knowledge.jsonl")

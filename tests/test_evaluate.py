@@ -82,8 +82,8 @@ def test_outputs_and_numbers(first_run):
 
   md = (out / "results.md").read_text()
   header = next(l for l in md.splitlines() if l.startswith("| task |"))
-  assert header == "| task | metric | n | tiny-a | tiny-b |"
-  assert "| **alm_arithmetic** (group) | acc | 30 |" in md
+  assert header == "| task | metric | n | chance | tiny-a | tiny-b |"
+  assert "| **alm_arithmetic** (group) | acc | 30 | — |" in md
   assert "bits_per_byte ↓ (lower is better)" in md
 
   js = json.loads((out / "results.json").read_text())
@@ -173,7 +173,7 @@ def test_write_results_with_a_model_missing_a_task(first_run, tmp_path):
   extra["settings"]["tasks"] = ["alm_heldout_bpb"]
   extra["results"] = {"alm_heldout_bpb": extra["results"]["alm_heldout_bpb"]}
   md = report.write_results(tmp_path, {**recs, "ens": extra}).read_text()
-  assert "| task | metric | n | tiny-a | tiny-b | ens |" in md
+  assert "| task | metric | n | chance | tiny-a | tiny-b | ens |" in md
   row = next(l for l in md.splitlines() if l.startswith("| alm_arithmetic_2da |"))
   assert row.endswith("| — |")
 

@@ -399,9 +399,11 @@ def _fmt(c: dict | None) -> str:
   return f"{c['value']:.4f}" + (f" ± {c['stderr']:.4f}" if c["stderr"] is not None else "")
 
 
-def _markdown_table(rows: list[dict], labels: list[str]) -> list[str]:
-  lines = ["| task | metric | n | " + " | ".join(labels) + " |",
-           "|---|---|---|" + "---|" * len(labels)]
+def _markdown_table(rows: list[dict], labels: list[str],
+                    chance: dict[str, float] | None = None) -> list[str]:
+  chance = chance or {}
+  lines = ["| task | metric | n | chance | " + " | ".join(labels) + " |",
+           "|---|---|---|---|" + "---|" * len(labels)]
   for row in rows:
     cells = [row["values"].get(m) for m in labels]
     vals = [c["value"] for c in cells if c is not None and c["value"] is not None]
@@ -411,8 +413,9 @@ def _markdown_table(rows: list[dict], labels: list[str]) -> list[str]:
     ns = {c["n"] for c in cells if c is not None and c.get("n") is not None}
     name = f"**{row['task']}** (group)" if row["is_group"] else row["task"]
     metric = row["metric"] + ("" if row["higher_is_better"] else " ↓ (lower is better)")
+    c = chance.get(row["task"]) if row["metric"] in ("acc", "acc_norm") else None
     lines.append(f"| {name} | {metric} | {'/'.join(map(str, sorted(ns))) or '—'} | "
-                 + " | ".join(texts) + " |")
+                 f"{'—' if c is None else f'{c:.4f}'} | " + " | ".join(texts) + " |")
   return lines
 
 
@@ -447,10 +450,13 @@ def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Any]]
     t = r.get("timing", {})
     lines.append(f"| {label} | `{r.get('spec', '—')}` | {r['model'].get('tokenizer', '—')} | "
                  f"{r['model'].get('max_length', '—')} | {t.get('eval_s', 0):.1f} s |")
-  lines += ["", "## Main metric", "", *_markdown_table(main_rows, labels)]
+  chance = first.get("pack", {}).get("chance", {})
+  lines += ["", "## Main metric", "",
+            "chance: the accuracy of a uniform guess among a multiple-choice task's "
+            "options (over all its documents).", "", *_markdown_table(main_rows, labels, chance)]
   if norm_rows:
     lines += ["", "## acc_norm (length-normalised accuracy)", "",
-              *_markdown_table(norm_rows, labels)]
+              *_markdown_table(norm_rows, labels, chance)]
   lines += ["", "![main metric per task](results.png)", ""]
   _plot(out / "results.png", main_rows, labels)
   md = out / "results.md"
@@ -505,7 +511,8 @@ def _plot(path: Path, rows: list[dict], labels: list[str]) -> None:
 
 def _pack_info(pack_dir: Path) -> dict[str, Any]:
   m = json.loads((pack_dir / "manifest.json").read_text())
-  return {"dir": str(pack_dir), "key": m.get("key")}
+  chance = {t["name"]: t["chance"] for t in m.get("tasks", []) if "chance" in t}
+  return {"dir": str(pack_dir), "key": m.get("key"), "chance": chance}
 
 
 def _fingerprint(record: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import numpy as np
 from alm import assets
 
 # Bump when the generated files change for the same options.
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: multiple-choice tasks record their chance accuracy
 
 ARITHMETIC_KINDS: tuple[str, ...] = (
     "2da", "3da", "4da", "5da", "2ds", "3ds", "4ds", "5ds", "2dm", "1dc")
@@ -570,6 +570,8 @@ def _build(tmp: Path, options: dict, sdist) -> dict:
       raise ValueError(f"Two tasks are both named {name}; list each BIG-bench task once.")
     (tmp / sub).mkdir(exist_ok=True)
     file = f"{sub}/{name}.jsonl"
+    if kind == "multiple_choice":  # the accuracy of a uniform guess, for "above chance"
+      extra["chance"] = round(float(np.mean([1.0 / len(d["choices"]) for d in docs])), 4)
     tasks.append({"name": name, "group": group, "kind": kind, "file": file, "count": len(docs),
                   "sha256": _write_jsonl(tmp / file, docs), "source": source, **extra})
     if group:
