@@ -315,14 +315,8 @@ def generate_ensemble(ensemble: Ensemble, input_ids, *, max_new_tokens: int,
   (batch, prompt length, max_new_tokens, sampling).
 
   Args:
-    ensemble: the ensemble.
-    input_ids: int [B, T] prompts (left-padded when their lengths differ).
-    max_new_tokens: tokens to generate per row.
-    attention_mask: [B, T], 1 for real prompt tokens (default all ones).
-    sampling: greedy by default; see SamplingConfig.
-    seed: sampling seed (unused when greedy).
-    eos_id: stop a row after this token (None: never stop early).
-    pad_id: filler written after a row's EOS.
+    ensemble: the ensemble; the other arguments are those of
+      `alm.models.generate.generate` (left-padded prompts, greedy by default).
 
   Returns:
     GenerationResult with tokens [B, max_new_tokens] (ids < the tokenizer's
