@@ -37,7 +37,7 @@ from flax import nnx
 
 from alm._validation import check_choice
 from alm.models.generate import (GenerationResult, SamplingConfig, check_generation_inputs,
-                                 sample_logits)
+                                 decode_loop)
 from alm.models.transformer import KVCache, check_token_ids
 from alm.tokenization.base import ByteTokenizer
 
@@ -271,10 +271,9 @@ def load_ensemble(names_or_paths: Sequence[str], *, mode: EnsembleMode = "prob",
 # Lockstep generation -----------------------------------------------------------------
 
 
-# The loop of `alm.models.generate._generate` (private there), specialised to
-# an ensemble: the prefill combines only the last position's distributions
-# (not all T of them) and the cache is one KVCache per member. Sampling,
-# EOS handling and filler tokens are exactly `generate`'s.
+# `alm.models.generate`'s jitted generation, specialised to an ensemble: the
+# prefill combines only the last position's distributions (not all T of them)
+# and the cache is one KVCache per member; the loop is `decode_loop`.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
 def _generate_ensemble(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens: int,
                        sampling: SamplingConfig):
@@ -282,24 +281,13 @@ def _generate_ensemble(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_n
   b, t = ids.shape
   out = ens(ids, attention_mask=mask, cache=ens.init_cache(b, t + max_new_tokens),
             last_only=True)
-  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  done = jnp.zeros((b,), bool)
-  lengths = jnp.zeros((b,), jnp.int32)
 
-  def body(i, carry):
-    caches, logits, key, tokens, done, lengths = carry
-    key, sub = jax.random.split(key)
-    tok = sample_logits(logits, sub, sampling)  # one shared token per row
-    tok = jnp.where(done, pad_id, tok)
-    tokens = tokens.at[:, i].set(tok)
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | (tok == eos_id)  # eos_id -1: never
-    step = ens(tok[:, None], cache=caches)  # fed to every member
-    return step.cache, step.logits[:, -1], key, tokens, done, lengths
+  def step(tok, caches):  # one shared token per row, fed to every member
+    o = ens(tok[:, None], cache=caches)
+    return o.cache, o.logits[:, -1]
 
-  carry = (out.cache, out.logits[:, -1], key, tokens, done, lengths)
-  _, _, _, tokens, _, lengths = jax.lax.fori_loop(0, max_new_tokens, body, carry)
-  return tokens, lengths
+  return decode_loop(step, out.cache, out.logits[:, -1], key, eos_id, pad_id,
+                     max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 def generate_ensemble(ensemble: Ensemble, input_ids, *, max_new_tokens: int,

@@ -78,13 +78,25 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens: int,
-              sampling: SamplingConfig):
-  model = nnx.merge(graphdef, state)
-  b, t = ids.shape
-  cache = model.init_cache(b, t + max_new_tokens)
-  out = model(ids, attention_mask=mask, cache=cache)
+def decode_loop(step, cache, logits, key, eos_id, pad_id, *, max_new_tokens: int,
+                sampling: SamplingConfig):
+  """The token-by-token loop after the prefill (traced inside a jit).
+
+  Args:
+    step: `step(tok [B], cache) -> (cache, next logits [B, V])`, one token
+      through the model(s) with the cache.
+    cache: the cache after the prefill.
+    logits: [B, V] logits of the prompt's last position.
+    key: sampling key.
+    eos_id: int32 scalar; -1 never stops a row.
+    pad_id: int32 filler after a row's EOS.
+    max_new_tokens: tokens per row.
+    sampling: how tokens are chosen.
+
+  Returns:
+    (tokens [B, max_new_tokens], lengths [B]).
+  """
+  b = logits.shape[0]
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
@@ -98,13 +110,28 @@ def _generate(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (tok == eos_id)  # eos_id -1: never
     # Tokens after a row's EOS are fillers; what they attend to does not matter.
-    step = model(tok[:, None], cache=cache)
-    return step.cache, step.logits[:, -1], key, tokens, done, lengths
+    cache, logits = step(tok, cache)
+    return cache, logits, key, tokens, done, lengths
 
-  carry = (out.cache, out.logits[:, -1], key, tokens, done, lengths)
+  carry = (cache, logits, key, tokens, done, lengths)
   # The last step's forward is wasted work, but keeps the loop body uniform.
   _, _, _, tokens, _, lengths = jax.lax.fori_loop(0, max_new_tokens, body, carry)
   return tokens, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
+def _generate(graphdef, state, ids, mask, key, eos_id, pad_id, *, max_new_tokens: int,
+              sampling: SamplingConfig):
+  model = nnx.merge(graphdef, state)
+  b, t = ids.shape
+  out = model(ids, attention_mask=mask, cache=model.init_cache(b, t + max_new_tokens))
+
+  def step(tok, cache):
+    o = model(tok[:, None], cache=cache)
+    return o.cache, o.logits[:, -1]
+
+  return decode_loop(step, out.cache, out.logits[:, -1], key, eos_id, pad_id,
+                     max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 def check_generation_inputs(input_ids, attention_mask, vocab_size: int,
