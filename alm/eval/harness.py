@@ -297,10 +297,9 @@ class ALMLM(LM):
     if not self._chat_family:
       raise TokenizerError(f"Tokenizer {self.tokenizer.name!r} has no chat markers this toolkit "
                            "knows; pass chat_family= (chatml, llama3, gemma, mistral, plain).")
-    text, markers = chat_lib.chat_text(self._chat_family, chat_history,
-                                       add_generation_prompt=add_generation_prompt)
-    self._markers = markers
-    return text
+    # The markers it may contain are those `_encode` already turns into ids.
+    return chat_lib.chat_text(self._chat_family, chat_history,
+                              add_generation_prompt=add_generation_prompt)[0]
 
   def summary(self) -> dict[str, Any]:
     """The settings that shape the numbers (for result files)."""
