@@ -143,11 +143,11 @@ def test_is_greedy_true_for_the_models_own_argmax(tiny):
   for _ in range(3):  # greedy continuation, token by token
     nxt = int(np.argmax(_plain_logits(model, ids)[-1]))
     ids = np.append(ids, nxt)
-  cont = tok.decode(ids[len(tok.encode(ctx).ids):])
-  # Scored as one request: greedy unless re-tokenising the joint text changes the split.
-  full = tok.encode(ctx + cont)
-  if list(full.ids) == list(ids):
-    assert lm.loglikelihood([_inst("loglikelihood", (ctx, cont))], disable_tqdm=True)[0][1]
+  # Scored as token requests (text would re-tokenise the random model's tokens).
+  other = ids.copy()
+  other[-1] = (other[-1] + 1) % tok.vocab_size
+  (_, greedy), (_, not_greedy) = lm.score_requests([(ids, 3), (other, 3)], disable_tqdm=True)
+  assert greedy and not not_greedy
 
 
 def test_pair_splitting_conventions(tiny):
