@@ -15,6 +15,7 @@ from alm.data.pipeline import Pipeline, PipelineConfig
 from alm.training.checkpoint import Checkpointer, CheckpointMismatchError
 from alm.training.config import TrainConfig
 from alm.training.students import build_transfer_model, export_student
+from alm.training.metrics import read_history
 from alm.training.trainer import RunOptions, Trainer, take_batches
 
 import training_utils as tu
@@ -143,3 +144,18 @@ def test_export_is_loadable_by_alm_load_model(runs, tmp_path):
 def test_extra_heldout_labels_are_checked(corpus, tmp_path):
   with pytest.raises(ValueError, match="without '@'"):
     _trainer(corpus, tmp_path, _cfg(), extra_eval_label="a@b")
+
+
+def test_zero_steps_evaluates_once_and_trains_nothing(corpus, tmp_path):
+  # --steps=0 exports the initialised (FVT) student: the baseline of every table.
+  tr = _trainer(corpus, tmp_path / "zero", _cfg(steps=0, warmup_steps=0))
+  before = _params(tr)
+  summary = tr.fit()
+  assert summary["steps"] == 0
+  assert summary["final_student_bpb"] == summary["init_student_bpb"]
+  assert summary["gap_closed"] == 0.0
+  for a, b in zip(before, _params(tr)):
+    np.testing.assert_array_equal(a, b)
+  assert [r["kind"] for r in read_history(tmp_path / "zero")] == ["eval"]
+  ck = tmp_path / "zero" / "checkpoints"
+  assert not ck.exists() or _entries(ck) == []

@@ -175,6 +175,13 @@ class Ensemble(nnx.Module):
     return EnsembleOutput(logits=self.combine(logits),
                           cache=None if cache is None else tuple(new))
 
+  def logits_at(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                at: jax.Array) -> jax.Array:
+    """The combined logits [B, K, V] at positions `at` [B, K] (see `Transformer.logits_at`)."""
+    check_token_ids(input_ids, self.vocab_size)
+    return self.combine([m.logits_at(input_ids, attention_mask=attention_mask, at=at)
+                         for m in self.models])
+
   def generate(self, input_ids, **kwargs) -> GenerationResult:
     """`generate_ensemble(self, input_ids, **kwargs)` (the harness calls this)."""
     return generate_ensemble(self, input_ids, **kwargs)

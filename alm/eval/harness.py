@@ -70,6 +70,20 @@ def _bucket(n: int, cap: int) -> int:
   return min(b, cap)
 
 
+# Scored positions per row (the continuation's tokens) are padded to one of these;
+# a group whose longest continuation needs more than half its row scores every
+# position. Each (row length, K) pair compiles once.
+_SCORED_BUCKETS = (4, 16, 64)
+
+
+def _scored_bucket(n: int, t: int) -> int | None:
+  """K positions to score for continuations of up to n tokens in rows of t (None: all)."""
+  for k in _SCORED_BUCKETS:
+    if n <= k and 2 * k <= t:
+      return k
+  return None
+
+
 def _progress(total: int, desc: str, disable: bool):
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=total, desc=desc, disable=disable, leave=False)
@@ -198,12 +212,24 @@ class ALMLM(LM):
         seq = trimmed[i][0]
         ids[r, :len(seq)] = seq
         mask[r, :len(seq)] = True
-      sc = scoring.score_tokens(self.model, ids, mask, greedy=True)
-      lp = np.asarray(sc.logprobs, np.float64)
-      gr = np.asarray(sc.greedy)
-      for r, i in enumerate(group):
-        length, n = len(trimmed[i][0]), trimmed[i][1]
-        out[i] = (float(lp[r, length - n:length].sum()), bool(gr[r, length - n:length].all()))
+      k = _scored_bucket(max(trimmed[i][1] for i in group), t)
+      if k is None:  # long continuations (rolling windows): every position
+        sc = scoring.score_tokens(self.model, ids, mask, greedy=True)
+        lp, gr = np.asarray(sc.logprobs, np.float64), np.asarray(sc.greedy)
+        for r, i in enumerate(group):
+          length, n = len(trimmed[i][0]), trimmed[i][1]
+          out[i] = (float(lp[r, length - n:length].sum()), bool(gr[r, length - n:length].all()))
+      else:  # a few continuation tokens: the output layer runs on those alone
+        at = np.ones((rows, k), np.int32)  # filler rows score position 1, never read
+        for r, i in enumerate(group):
+          length, n = len(trimmed[i][0]), trimmed[i][1]
+          at[r] = length - 1  # padding repeats the last position, never summed
+          at[r, :n] = np.arange(length - n, length)
+        sc = scoring.score_positions(self.model, ids, mask, at, greedy=True)
+        lp, gr = np.asarray(sc.logprobs, np.float64), np.asarray(sc.greedy)
+        for r, i in enumerate(group):
+          n = trimmed[i][1]
+          out[i] = (float(lp[r, :n].sum()), bool(gr[r, :n].all()))
       pos += len(group)
       bar.update(len(group))
     bar.close()
@@ -303,5 +329,7 @@ class ALMLM(LM):
 
   def summary(self) -> dict[str, Any]:
     """The settings that shape the numbers (for result files)."""
-    return dict(name=self.name, tokenizer=self.tokenizer_name, max_length=self.max_length,
+    # A file path (a GGUF's tokenizer) is shown by its file name.
+    tok_name = str(getattr(self.tokenizer, "name", "tokenizer")).rstrip("/").rsplit("/", 1)[-1]
+    return dict(name=self.name, tokenizer=tok_name, max_length=self.max_length,
                 prefix_token_id=self.prefix_token_id, chat_family=self._chat_family)

@@ -11,6 +11,13 @@ log-softmax of `alm.losses.chunks.token_logprobs` (precise for near-certain
 tokens), and `greedy[b, t] = argmax logits[b, t - 1] == ids[b, t]` (the
 harness's `is_greedy`, ties broken toward the lowest id as `argmax` does).
 Position 0 is never predicted: `logprobs[:, 0] = 0`, `greedy[:, 0] = False`.
+
+`score_positions` scores only chosen positions (the continuation of an lm-eval
+request): the model's output layer runs on those K positions alone (a model's
+`logits_at`), not on all T — the output layer is 20–65 % of a small model's
+forward (a 49k–262k vocabulary), and a multiple-choice request scores a few
+tokens after a long context. Same numbers as `score_tokens` at those positions
+(`target_scores` is the arithmetic of both).
 """
 
 from __future__ import annotations
@@ -53,12 +60,32 @@ def logit_scores(logits: jax.Array, ids: jax.Array, *, greedy: bool = False) -> 
   if not (logits.ndim == 3 and ids.shape == logits.shape[:2]):
     raise ValueError(f"logit_scores needs logits [B, T, V] and ids [B, T]; got shapes "
                      f"{logits.shape} and {ids.shape}.")
-  lp = chunks_lib.token_logprobs(logits, ids).path.astype(jnp.float32)  # [B, T], 0 at t = 0
+  sc = target_scores(logits[:, :-1], ids[:, 1:], greedy=greedy)  # position t - 1 -> token t
+  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # nothing predicts position 0
+  return TokenScores(logprobs=pad(sc.logprobs), greedy=None if sc.greedy is None
+                     else pad(sc.greedy))
+
+
+def target_scores(logits: jax.Array, targets: jax.Array, *, greedy: bool = False
+                  ) -> TokenScores:
+  """Scores `targets[b, k]` under the distribution `logits[b, k]` (no shift).
+
+  Args:
+    logits: [B, K, V] logits (or log-probs); any float dtype.
+    targets: int [B, K] token ids.
+    greedy: also compute whether each target is the argmax.
+
+  Returns:
+    A `TokenScores` of shape [B, K].
+  """
+  if not (logits.ndim == 3 and targets.shape == logits.shape[:2]):
+    raise ValueError(f"target_scores needs logits [B, K, V] and targets [B, K]; got shapes "
+                     f"{logits.shape} and {targets.shape}.")
+  _, _, lp = chunks_lib.vocab_logsumexps(logits, targets)
+  lp = lp.astype(jnp.float32)
   if not greedy:
     return TokenScores(logprobs=lp)
-  best = jnp.argmax(logits[:, :-1], axis=-1)  # [B, T - 1]
-  g = jnp.pad(best == ids[:, 1:], ((0, 0), (1, 0)))
-  return TokenScores(logprobs=lp, greedy=g)
+  return TokenScores(logprobs=lp, greedy=jnp.argmax(logits, axis=-1) == targets)
 
 
 @nnx.jit(static_argnames=("greedy",))
@@ -84,3 +111,51 @@ def score_tokens(model, ids, attention_mask=None, *, greedy: bool = False) -> To
   ids = jnp.asarray(ids, jnp.int32)
   mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
   return _score(model, ids, mask, greedy)
+
+
+def logits_at(model, ids: jax.Array, attention_mask: jax.Array, at: jax.Array) -> jax.Array:
+  """The model's logits [B, K, V] at positions `at` [B, K] of a forward over `ids`.
+
+  Uses `model.logits_at` (an `alm.Transformer`, an `alm.eval.Ensemble`: the
+  output layer runs on the K positions only, when traced under `jit`), else
+  the full logits gathered.
+  """
+  if hasattr(model, "logits_at"):
+    return model.logits_at(ids, attention_mask=attention_mask, at=at)
+  full = model(ids, attention_mask=attention_mask).logits
+  return jnp.take_along_axis(full, at[..., None], axis=1)
+
+
+@nnx.jit(static_argnames=("greedy",))
+def _score_at(model, ids, attention_mask, at, greedy):
+  logits = logits_at(model, ids, attention_mask, at - 1)  # position t - 1 predicts token t
+  return target_scores(logits, jnp.take_along_axis(ids, at, axis=1), greedy=greedy)
+
+
+def score_positions(model, ids, attention_mask, at, *, greedy: bool = False) -> TokenScores:
+  """Scores the tokens at positions `at` only: `score_tokens(...)[b, at[b, k]]`.
+
+  Args:
+    model: as for `score_tokens`.
+    ids: int [B, T] token ids, right-padded.
+    attention_mask: bool [B, T], True on real tokens.
+    at: int [B, K] positions to score, each in 1..T-1 (position 0 has no
+      prediction); repeat a position to pad a row.
+    greedy: also compute the greedy flags.
+
+  Returns:
+    A `TokenScores` of shape [B, K].
+
+  Raises:
+    ValueError: a position outside 1..T-1 (checked on concrete values).
+  """
+  ids = jnp.asarray(ids, jnp.int32)
+  at = jnp.asarray(at, jnp.int32)
+  if at.ndim != 2 or at.shape[0] != ids.shape[0]:
+    raise ValueError(f"at must be [B, K] with B = {ids.shape[0]}; got shape {at.shape}.")
+  if not isinstance(at, jax.core.Tracer) and at.size and (int(at.min()) < 1
+                                                         or int(at.max()) >= ids.shape[1]):
+    raise ValueError(f"Positions must be in 1..{ids.shape[1] - 1} (position 0 is never "
+                     f"predicted); got {int(at.min())}..{int(at.max())}.")
+  mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+  return _score_at(model, ids, mask, at, greedy)

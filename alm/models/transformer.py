@@ -388,6 +388,18 @@ class Transformer(nnx.Module):
       logits = cap * jnp.tanh(logits / cap)
     return logits
 
+  def logits_at(self, input_ids: Array, *, attention_mask: Array | None = None,
+                at: Array) -> Array:
+    """Logits [B, K, V] at positions `at` [B, K] of the forward over `input_ids`.
+
+    The output layer runs on the K gathered positions only when this is traced
+    under `jit` (the full logits of `__call__` are then unused and removed);
+    what scoring a few tokens after a long context needs (`alm.eval.scoring`).
+    """
+    out = self(input_ids, attention_mask=attention_mask, hidden_layers=(-1,))
+    h = out.hidden_states[self.cfg.num_layers]
+    return self.unembed(jnp.take_along_axis(h, at[..., None], axis=1))
+
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty KV cache for `batch_size` rows of up to `max_length` tokens."""
     c = self.cfg

@@ -160,7 +160,8 @@ class ObjectiveConfig:
 class OptimizerConfig:
   """Adam without weight decay on a warm-up + linear-decay schedule."""
 
-  steps: int = _opt(100, "Optimizer steps.", low=1)
+  steps: int = _opt(100, "Optimizer steps (0: no training; evaluate and export the "
+                     "initialised student, e.g. the FVT baseline).", low=0)
   learning_rate: float = _opt(1e-4, "Peak learning rate (Adam, no weight decay).", low=0.0,
                               strict=True)
   warmup_steps: int = _opt(10, "Linear warm-up steps from 0 to the peak.", low=0)

@@ -153,8 +153,11 @@ def _plot(history: Sequence[dict], path: Path, title: str) -> None:
     ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=k)
   ax1.set_xlabel("step")
   ax1.set_ylabel("training loss")
-  ax1.set_yscale("log")
-  ax1.legend()
+  if keys:
+    ax1.set_yscale("log")
+    ax1.legend()
+  else:  # steps=0: nothing was trained
+    ax1.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=ax1.transAxes)
   # Every held-out set: the student (solid) and its teacher (dashed, same colour).
   for i, sfx in enumerate(heldout_suffixes(k for r in evals for k in r)):
     for k, style in ((f"student_bpb{sfx}", "o-"), (f"teacher_bpb{sfx}", "--")):

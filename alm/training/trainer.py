@@ -384,9 +384,14 @@ class Trainer:
             self._save(base)
       if self.opts.stop_after is not None and st.step < steps:
         return {"stopped_at": st.step}
-      ev = self.evaluate()
-      logger.log(st.step, "eval", ev)
-      self._save(base)
+      if st.step == 0 and meta is None:
+        # steps=0: nothing was trained; the initial evaluation is the final one and
+        # there is no state worth a checkpoint (the export is the product).
+        ev = {k.replace("init_student_bpb", "student_bpb"): v for k, v in base.items()}
+      else:
+        ev = self.evaluate()
+        logger.log(st.step, "eval", ev)
+        self._save(base)
     finally:
       logger.close()
     summary = {"method": self.cfg.objective.method, "steps": st.step, "seed": self.cfg.seed,
