@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from alm.eval import scoring
-from alm.eval.ensemble import (Ensemble, EnsembleError, check_same_vocabulary,
+from alm.eval.ensemble import (Ensemble, EnsembleError, check_same_vocabulary, member_id_map,
                                generate_ensemble, load_ensemble)
 from alm.models.generate import SamplingConfig, generate
 from alm.models.transformer import InputError
@@ -225,7 +225,8 @@ def test_different_vocabularies_are_refused_with_the_fix(tok, monkeypatch):
   monkeypatch.setattr("alm.models.loading.load_model", lambda name, **kw: loaded[name])
   ens, shared = load_ensemble(["m300", "m300"], mode="logit")
   assert shared is tok and len(ens.models) == 2 and ens.mode == "logit"
-  with pytest.raises(EnsembleError, match=r"'m280' vs 'm300'.*transfer_tokenizer"):
+  with pytest.raises(EnsembleError, match=r"'m280' and 'm300' differ in \d+ regular.*"
+                                           r"transfer_tokenizer"):
     load_ensemble(["m300", "m280"])
 
 
@@ -247,3 +248,82 @@ def test_bad_arguments_are_named(tok, members):
                       max_new_tokens=2)
   with pytest.raises(InputError, match="out of range"):
     generate_ensemble(ens, np.full((1, 4), 300, np.int32), max_new_tokens=2)
+
+
+# Members with their own special tokens (SPEC §12) -------------------------------------
+
+
+def _variant(tok, name, *, specials_first=None, extra_special=None, bos=True):
+  """`tok` with its specials at other ids, one more special, or no BOS role."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from alm.tokenization.hf import HFTokenizer  # pylint: disable=import-outside-toplevel
+  hf = tokenizers.Tokenizer.from_str(tok.hf_tokenizer.to_str())
+  if specials_first is not None:  # rewrite the ids of the three specials (regular ids stay)
+    import json  # pylint: disable=import-outside-toplevel
+    d = json.loads(hf.to_str())
+    ids = {t: i for i, t in enumerate(specials_first)}
+    for a in d["added_tokens"]:
+      a["id"] = ids[a["content"]]
+    d["model"]["vocab"] = {k: ids.get(k, v) for k, v in d["model"]["vocab"].items()}
+    hf = tokenizers.Tokenizer.from_str(json.dumps(d))
+  if extra_special:
+    hf.add_special_tokens([extra_special])
+  out = HFTokenizer(hf, name=name, bos_token="<bos>", eos_token="<eos>", add_bos=bos)
+  if not bos:  # a tokenizer without a BOS role (Qwen-style); "<bos>" stays a special
+    out._bos_id = None  # pylint: disable=protected-access
+  return out
+
+
+def _member_logits64(model, seq, id_map):
+  """Float64 [len(seq), V] logits of a member reading the shared ids through id_map."""
+  z = _plain_logits(model, id_map[np.asarray(seq)])
+  return np.where(id_map >= 0, z[:, np.maximum(id_map, 0)], -np.inf)
+
+
+def test_member_id_map_by_bytes_role_and_text(tok):
+  perm = _variant(tok, "perm", specials_first=("<bos>", "<eos>", "<pad>"))
+  assert (perm.bos_id, perm.eos_id) == (0, 1) and (tok.bos_id, tok.eos_id) == (1, 2)
+  m = member_id_map(tok, perm)
+  assert list(m[:3]) == [2, 0, 1]  # <pad> by its text, <bos> and <eos> by role
+  np.testing.assert_array_equal(m[3:], np.arange(3, tok.vocab_size))
+  assert member_id_map(tok, tiny_tokenizer("bpe", 300)) is None  # identical
+  no_bos = _variant(tok, "nobos", bos=False)
+  assert member_id_map(tok, no_bos)[tok.bos_id] == no_bos.eos_id  # the harness's prefix rule
+  extra = _variant(tok, "extra", extra_special="<|end|>")
+  assert list(member_id_map(extra, tok)[-1:]) == [-1]  # the shared <|end|>: model lacks it
+  np.testing.assert_array_equal(member_id_map(tok, extra), np.arange(tok.vocab_size))
+
+
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_members_with_their_own_specials_match_float64_reference(tok, mode):
+  # The shared tokenizer has one special more than member 1; member 1's specials
+  # sit at other ids. Each member reads its own ids; <|end|> is excluded.
+  shared = _variant(tok, "shared", extra_special="<|end|>")
+  perm = _variant(tok, "perm", specials_first=("<bos>", "<eos>", "<pad>"))
+  models = [tiny_model("llama", shared.vocab_size, seed=1), tiny_model("qwen2", 300, seed=2)]
+  maps = [member_id_map(shared, shared), member_id_map(shared, perm)]
+  assert maps[0] is None and maps[1][-1] == -1
+  ens = Ensemble(models, shared, mode=mode, weights=[1.0, 2.0], id_maps=maps)
+  seq = shared.encode("If the value is None, return").ids.astype(np.int32)
+  assert seq[0] == shared.bos_id
+  got = np.asarray(ens(seq[None]).logits, np.float64)[0]
+  full = [np.arange(shared.vocab_size, dtype=np.int32), maps[1]]
+  zs = [_member_logits64(m, seq, a) for m, a in zip(models, full)]
+  w = np.array([1.0, 2.0]) / 3.0
+  if mode == "prob":
+    with np.errstate(divide="ignore"):
+      want = np.log(sum(wm * np.exp(_log_softmax64(np.where(full[1] >= 0, z, -np.inf)))
+                        for wm, z in zip(w, zs)))
+  else:
+    want = sum(wm * z for wm, z in zip(w, zs))
+  assert np.isneginf(got[:, -1]).all()  # <|end|>: not every member has it
+  np.testing.assert_allclose(got[:, :-1], want[:, :-1], rtol=1e-5, atol=1e-5)
+  # Generation in lockstep reads the same combination; an id a member lacks is refused.
+  out = generate_ensemble(ens, seq[None], max_new_tokens=3)
+  ref = list(seq)
+  for _ in range(3):
+    ref.append(int(np.asarray(ens(np.asarray(ref, np.int32)[None]).logits)[0, -1].argmax()))
+  assert list(out.tokens[0]) == ref[len(seq):]
+  with pytest.raises(EnsembleError, match=rf"\[{shared.vocab_size - 1}\].*model 1 does not "
+                                          "have"):
+    ens(np.append(seq, shared.vocab_size - 1)[None])

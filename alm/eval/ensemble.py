@@ -17,6 +17,16 @@ padding rows never enter the combination):
   (`alm.eval.scoring.score_tokens`) takes a log-softmax of whatever it gets,
   so both modes score correctly (a log-softmax of log-probs is the identity).
 
+Members may differ in their special tokens (SPEC §12): the ensemble's ids
+are the first tokenizer's, and each member whose vocabulary differs gets an
+id map (`member_id_map`): regular tokens by their bytes, BOS and EOS by role
+(a member without BOS gets its EOS, the harness's prefix rule), other specials
+by their text. Each member thus reads its own BOS and specials; the combined
+distribution covers the ids every member has (the others get probability 0,
+each member's distribution renormalised over the shared ids), so a member's
+own end-of-turn token is read at the one shared EOS id. Regular tokens must be
+identical: models that tokenize text differently are refused.
+
 Everything is combined in float32, whatever the members' compute dtype.
 Generation (`generate_ensemble`) keeps one KV cache per member, chooses one
 token per step from the combined distribution and feeds it to every member.
@@ -88,18 +98,29 @@ class Ensemble(nnx.Module):
   """
 
   def __init__(self, models: Sequence[nnx.Module], tokenizer: ByteTokenizer, *,
-               mode: EnsembleMode = "prob", weights: Sequence[float] | None = None):
+               mode: EnsembleMode = "prob", weights: Sequence[float] | None = None,
+               id_maps: Sequence[np.ndarray | None] | None = None):
     models = list(models)
     if not models:
       raise EnsembleError("An ensemble needs at least one model; got none.")
     check_choice("mode", mode, EnsembleMode, error=EnsembleError)
     vocab = int(tokenizer.vocab_size)
+    id_maps = [None] * len(models) if id_maps is None else list(id_maps)
+    if len(id_maps) != len(models):
+      raise EnsembleError(f"Got {len(id_maps)} id maps for {len(models)} models; pass one per "
+                          "model (None: the model uses the tokenizer's ids).")
     for i, m in enumerate(models):
       rows = getattr(getattr(m, "cfg", None), "vocab_size", None)
       if rows is None:
         raise EnsembleError(f"Model {i} ({type(m).__name__}) has no cfg.vocab_size; ensemble "
                             "alm.Transformer models (alm.load_model loads them).")
-      if rows < vocab:
+      if id_maps[i] is not None:
+        id_maps[i] = np.asarray(id_maps[i], np.int32)
+        if id_maps[i].shape != (vocab,) or id_maps[i].max() >= rows:
+          raise EnsembleError(f"Model {i}'s id map must be int [{vocab}] with ids < {rows} "
+                              f"(its output rows), -1 where it lacks the token; got shape "
+                              f"{id_maps[i].shape}, largest id {id_maps[i].max()}.")
+      elif rows < vocab:
         raise EnsembleError(
             f"Model {i} has {rows} output rows but the tokenizer {tokenizer.name!r} has {vocab} "
             f"ids: it was not made for this tokenizer. {_TRANSFER_FIX}")
@@ -116,6 +137,34 @@ class Ensemble(nnx.Module):
     self.mode = mode
     self.weights = tuple(w / total for w in weights)
     self.vocab_size = vocab
+    # The member's id of every shared id (identity: None), and which ids every member has.
+    self.id_maps = nnx.List([None if a is None else _IdTable(jnp.asarray(np.maximum(a, 0)))
+                             for a in id_maps])
+    missing = np.zeros(vocab, bool)
+    for a in id_maps:
+      if a is not None:
+        missing |= a < 0
+    self.shared = None if not missing.any() else _IdTable(jnp.asarray(~missing))
+    self._member_missing = tuple(None if a is None else frozenset(np.flatnonzero(a < 0).tolist())
+                                 for a in id_maps)
+
+  def _member_ids(self, m: int, ids: jax.Array) -> jax.Array:
+    """The shared ids `ids` as member m's ids."""
+    table = self.id_maps[m]
+    return ids if table is None else jnp.take(table[...], ids, axis=0)
+
+  def check_ids(self, ids) -> None:
+    """Raises EnsembleError when concrete `ids` hold an id some member lacks."""
+    if isinstance(ids, jax.core.Tracer) or not any(self._member_missing):
+      return
+    present = set(np.unique(np.asarray(ids)).tolist())
+    for m, lacks in enumerate(self._member_missing):
+      bad = sorted(present & lacks) if lacks else []
+      if bad:
+        raise EnsembleError(
+            f"Token id(s) {bad[:5]} of the shared tokenizer are special tokens that model {m} "
+            "does not have, so it cannot read them; leave them out of the text (or chat "
+            "template) or ensemble models that share those tokens.")
 
   def combine(self, logits: Sequence[jax.Array]) -> jax.Array:
     """Combines the members' logits [..., V_m] (one per member) -> float32 [..., V].
@@ -127,8 +176,11 @@ class Ensemble(nnx.Module):
       raise EnsembleError(f"combine got {len(logits)} logits for {len(self.weights)} models.")
     v = self.vocab_size
     out = None
-    for w, z in zip(self.weights, logits):
-      z = z[..., :v].astype(jnp.float32)
+    for m, (w, z) in enumerate(zip(self.weights, logits)):
+      table = self.id_maps[m]
+      z = (z[..., :v] if table is None else jnp.take(z, table[...], axis=-1)).astype(jnp.float32)
+      if self.shared is not None:  # ids some member lacks: probability 0 for everyone
+        z = jnp.where(self.shared[...], z, -jnp.inf)
       if self.mode == "prob":
         # A running log-add-exp: never M stacked [B, T, V] tensors at once.
         term = jax.nn.log_softmax(z, axis=-1) + math.log(w)
@@ -163,13 +215,14 @@ class Ensemble(nnx.Module):
       EnsembleError: a cache with the wrong number of members.
     """
     check_token_ids(input_ids, self.vocab_size)
+    self.check_ids(input_ids)
     if cache is not None and len(cache) != len(self.models):
       raise EnsembleError(f"Got {len(cache)} caches for {len(self.models)} models; use "
                           "Ensemble.init_cache.")
     caches = (None,) * len(self.models) if cache is None else cache
     logits, new = [], []
-    for m, c in zip(self.models, caches):
-      out = m(input_ids, attention_mask=attention_mask, cache=c)
+    for i, (m, c) in enumerate(zip(self.models, caches)):
+      out = m(self._member_ids(i, input_ids), attention_mask=attention_mask, cache=c)
       logits.append(out.logits[:, -1:] if last_only else out.logits)  # [B, T | 1, V_m]
       new.append(out.cache)
     return EnsembleOutput(logits=self.combine(logits),
@@ -179,15 +232,87 @@ class Ensemble(nnx.Module):
                 at: jax.Array) -> jax.Array:
     """The combined logits [B, K, V] at positions `at` [B, K] (see `Transformer.logits_at`)."""
     check_token_ids(input_ids, self.vocab_size)
-    return self.combine([m.logits_at(input_ids, attention_mask=attention_mask, at=at)
-                         for m in self.models])
+    self.check_ids(input_ids)
+    return self.combine([m.logits_at(self._member_ids(i, input_ids),
+                                     attention_mask=attention_mask, at=at)
+                         for i, m in enumerate(self.models)])
 
   def generate(self, input_ids, **kwargs) -> GenerationResult:
     """`generate_ensemble(self, input_ids, **kwargs)` (the harness calls this)."""
     return generate_ensemble(self, input_ids, **kwargs)
 
 
+class _IdTable(nnx.Variable):
+  """A constant table of the ensemble (an id map or a mask): state, never trained."""
+
+
 # Tokenizer checks and loading --------------------------------------------------------
+
+
+def _special_text(tok: ByteTokenizer, i: int) -> str | None:
+  """The text of special id i ("<|im_end|>"), when the tokenizer can tell."""
+  for get in (lambda: tok.hf_tokenizer.id_to_token(i), lambda: tok.sp.id_to_piece(i),
+              lambda: tok.special_names[i]):
+    try:
+      text = get()
+    except (AttributeError, IndexError, KeyError, TypeError):
+      continue
+    if text:
+      return text
+  return None
+
+
+def member_id_map(shared: ByteTokenizer, member: ByteTokenizer, name: str = "model",
+                  first: str = "the first model") -> np.ndarray | None:
+  """How a member whose vocabulary differs from the shared one reads the shared ids.
+
+  Args:
+    shared: the ensemble's tokenizer (its ids are the ensemble's).
+    member: a member's own tokenizer.
+    name: the member's name, for errors.
+    first: the shared tokenizer's model, for errors.
+
+  Returns:
+    None when the vocabularies are identical; else int32 [shared.vocab_size]:
+    the member's id of each shared id, -1 where it has none. Regular tokens
+    map by their bytes (the same id when it holds the same bytes), BOS to the
+    member's BOS (its EOS when it has none, the harness's prefix rule), EOS to
+    its EOS, other specials to the member's special of the same text.
+
+  Raises:
+    EnsembleError: the regular (non-special) tokens differ: the models
+      tokenize text differently (names the member, how, and the fix).
+  """
+  if not vocabulary_differences(shared, member):
+    return None
+  sb, mb = shared.token_bytes, member.token_bytes
+  s_special, m_special = shared.special_ids, member.special_ids
+  by_bytes: dict[bytes, int] = {}
+  for j, b in enumerate(mb):
+    if j not in m_special:
+      by_bytes.setdefault(b, j)
+  shared_regular = {b for i, b in enumerate(sb) if i not in s_special}
+  only = shared_regular.symmetric_difference(by_bytes)
+  if only:
+    ex = sorted(only)[:3]
+    raise EnsembleError(
+        f"{name!r} and {first!r} differ in {len(only)} regular (non-special) tokens, "
+        f"e.g. {ex}: they tokenize text differently, so they do not share a tokenizer. "
+        + _TRANSFER_FIX)
+  out = np.full(len(sb), -1, np.int32)
+  for i, b in enumerate(sb):
+    if i not in s_special:
+      out[i] = i if i < len(mb) and i not in m_special and mb[i] == b else by_bytes[b]
+  texts = {t: j for j in m_special if (t := _special_text(member, j)) is not None}
+  for i in s_special:
+    if i == shared.bos_id:
+      j = member.bos_id if member.bos_id is not None else member.eos_id
+    elif i == shared.eos_id:
+      j = member.eos_id
+    else:
+      j = texts.get(_special_text(shared, i))
+    out[i] = -1 if j is None else j
+  return out
 
 
 def vocabulary_differences(a: ByteTokenizer, b: ByteTokenizer) -> list[str]:
@@ -256,8 +381,10 @@ def load_ensemble(names_or_paths: Sequence[str], *, mode: EnsembleMode = "prob",
     (ensemble, the shared tokenizer).
 
   Raises:
-    EnsembleError: no models, different vocabularies (names the models and
-      the fix), bad mode or weights.
+    EnsembleError: no models, models whose regular (non-special) tokens
+      differ (names them and the fix), bad mode or weights. Vocabularies that
+      differ only in their special tokens are ensembled through id maps
+      (`member_id_map`).
   """
   from alm.models.loading import load_model  # pylint: disable=import-outside-toplevel
 
@@ -265,14 +392,15 @@ def load_ensemble(names_or_paths: Sequence[str], *, mode: EnsembleMode = "prob",
   if not names:
     raise EnsembleError("load_ensemble needs at least one model name or path.")
   check_choice("mode", mode, EnsembleMode, error=EnsembleError)
-  models, toks = [], []
+  models, maps, tokenizer = [], [], None
   for name in names:
     model, tok = load_model(name, dtype=dtype, param_dtype=param_dtype)
-    toks.append((name, tok))
-    check_same_vocabulary([toks[0], toks[-1]])
+    if tokenizer is None:
+      tokenizer = tok
+    # Checked as each loads: a model that tokenizes differently fails before the rest load.
+    maps.append(member_id_map(tokenizer, tok, name, names[0]))
     models.append(model)
-  tokenizer = toks[0][1]
-  return Ensemble(models, tokenizer, mode=mode, weights=weights), tokenizer
+  return Ensemble(models, tokenizer, mode=mode, weights=weights, id_maps=maps), tokenizer
 
 
 # Lockstep generation -----------------------------------------------------------------
@@ -326,6 +454,7 @@ def generate_ensemble(ensemble: Ensemble, input_ids, *, max_new_tokens: int,
   sampling = sampling or SamplingConfig()
   ids, mask = check_generation_inputs(input_ids, attention_mask, ensemble.vocab_size,
                                       max_new_tokens)
+  ensemble.check_ids(ids)
   graphdef, state = nnx.split(ensemble)
   tokens, lengths = _generate_ensemble(
       graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jax.random.key(seed),
