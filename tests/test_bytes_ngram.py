@@ -11,12 +11,23 @@ from alm.testing.tokenizers import GreedyTokenizer, tiny_corpus, tiny_tokenizer
 from alm.tokenization.base import TokenizerError
 
 
+_TABLES: dict = {}
+
+
+def _ids_by_bytes(tok, max_bytes: int) -> dict[bytes, set[int]]:
+  key = (id(tok), max_bytes)
+  if key not in _TABLES:
+    by_bytes: dict[bytes, set[int]] = {}
+    for i, b in enumerate(tok.token_bytes):
+      if b and i not in tok.special_ids and len(b) <= max_bytes:
+        by_bytes.setdefault(b, set()).add(i)
+    _TABLES[key] = (tok, by_bytes)  # holds tok: its id stays unique while cached
+  return _TABLES[key][1]
+
+
 def _brute_force(tok, data: bytes, max_bytes: int = 16) -> list[set[int] | None]:
   """For each byte: every id whose bytes are the longest token suffix ending there."""
-  by_bytes: dict[bytes, set[int]] = {}
-  for i, b in enumerate(tok.token_bytes):
-    if b and i not in tok.special_ids and len(b) <= max_bytes:
-      by_bytes.setdefault(b, set()).add(i)
+  by_bytes = _ids_by_bytes(tok, max_bytes)
   out = []
   for i in range(len(data)):
     found = None

@@ -87,12 +87,12 @@ class SuffixLookup:
     for i, b in enumerate(token_bytes):
       if b and i not in specials and len(b) <= max_bytes:
         by_bytes.setdefault(b, []).append(i)
-    chosen = {b: (ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids))
-              for b, ids in by_bytes.items()}
-    self._tables = []  # per length L (index L): (sorted keys, ids, hi keys or None)
-    self._tables.append(None)
+    by_length: list[list[tuple[bytes, int]]] = [[] for _ in range(max_bytes + 1)]
+    for b, ids in by_bytes.items():
+      by_length[len(b)].append((b, ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids)))
+    self._tables = [None]  # per length L (index L): (sorted keys, ids, (hi, lo) keys or None)
     for length in range(1, max_bytes + 1):
-      items = [(b, i) for b, i in chosen.items() if len(b) == length]
+      items = by_length[length]
       if not items:
         self._tables.append(None)
         continue
