@@ -195,3 +195,14 @@ def test_ensemble_entry_builds_an_ensemble(setup):
   missing, = report.parse_model_specs([f"e=ensemble:{models['tiny-a']}+/no/such/model"])
   with pytest.raises(ValueError, match="/no/such/model"):
     report.check_model_source(missing)
+
+
+def test_group_chance_weights_tasks_by_documents():
+  from alm.eval.report import group_chance  # pylint: disable=import-outside-toplevel
+  record = {"n-samples": {"a": {"effective": 30}, "b": {"effective": 10},
+                          "c": {"effective": 5}},
+            "group_subtasks": {"mc": ["a", "b"], "mixed": ["a", "c"]}}
+  got = group_chance({"a": 0.5, "b": 0.25}, record)
+  assert got["mc"] == pytest.approx((30 * 0.5 + 10 * 0.25) / 40)
+  assert "mixed" not in got  # c is not multiple choice: no chance for the group
+  assert got["a"] == 0.5 and got["b"] == 0.25

@@ -393,6 +393,21 @@ def table_rows(records: dict[str, dict], metric: str | None = None) -> list[dict
   return rows
 
 
+def group_chance(chance: dict[str, float], record: dict[str, Any]) -> dict[str, float]:
+  """Per-task chance plus each group's: its tasks' chance weighted by documents evaluated.
+
+  A group gets one only when every task in it has one (multiple choice).
+  """
+  out = dict(chance)
+  ns = record.get("n-samples", {})
+  for group, tasks in record.get("group_subtasks", {}).items():
+    if tasks and all(t in chance for t in tasks):
+      w = [ns.get(t, {}).get("effective", 0) for t in tasks]
+      if sum(w):
+        out[group] = sum(wi * chance[t] for wi, t in zip(w, tasks)) / sum(w)
+  return out
+
+
 def _fmt(c: dict | None) -> str:
   if c is None or c["value"] is None:
     return "—"
@@ -450,10 +465,11 @@ def write_results(out_dir: str | os.PathLike, results: dict[str, dict[str, Any]]
     t = r.get("timing", {})
     lines.append(f"| {label} | `{r.get('spec', '—')}` | {r['model'].get('tokenizer', '—')} | "
                  f"{r['model'].get('max_length', '—')} | {t.get('eval_s', 0):.1f} s |")
-  chance = first.get("pack", {}).get("chance", {})
+  chance = group_chance(first.get("pack", {}).get("chance", {}), first)
   lines += ["", "## Main metric", "",
             "chance: the accuracy of a uniform guess among a multiple-choice task's "
-            "options (over all its documents).", "", *_markdown_table(main_rows, labels, chance)]
+            "options (over all its documents; a group's: its tasks' weighted by their "
+            "documents evaluated).", "", *_markdown_table(main_rows, labels, chance)]
   if norm_rows:
     lines += ["", "## acc_norm (length-normalised accuracy)", "",
               *_markdown_table(norm_rows, labels, chance)]
