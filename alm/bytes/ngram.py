@@ -7,16 +7,21 @@ bytes up to `i`, at most `max_bytes` long (the reference caps it at 16); not
 the original tokenizer's segmentation. `SuffixLookup` computes it for a whole
 byte string with a few vectorised numpy passes, no Python loop per byte:
 
-- for each length `L = 1..max_bytes`, the exact `L`-byte window ending at
-  every position is packed into integers: the last `min(L, 8)` bytes into one
-  uint64 (`key_L[i] = b[i-L+1] << 8(L-1) | key_{L-1}[i]`, one shift-or per
-  length), and for `L > 8` the first `L - 8` bytes into a second uint64
-  (`key_{L-8}[i - 8]`, already computed);
-- each length's tokens sit in a sorted array of the same keys (for `L > 8`
-  a 64-bit mix of the two, unique per length, checked at build time, and the
-  candidate's two keys compared exactly), so one `searchsorted` per length
-  finds every window that is a token;
-- lengths are visited from short to long, so the longest match wins.
+- the windows ending at every position are packed into integers: the last
+  `min(L, 8)` bytes into one uint64 (`key_L[i] = b[i-L+1] << 8(L-1) |
+  key_{L-1}[i]`, one shift-or per length), and for `L > 8` the first `L - 8`
+  bytes into a second uint64 (`key_{L-8}[i - 8]`, already computed);
+- one hash table (open addressing, linear probing, built without a Python
+  loop) holds every suffix of every token, keyed by a 64-bit mix of (length,
+  both halves); a found entry's three are compared exactly, so the lookup is
+  exact;
+- lengths are tried from 1 up, only at positions whose previous window was
+  some token's suffix (a window that is no token's suffix cannot grow into a
+  token), and a longer hit overwrites a shorter one.
+
+Throughput (benchmarks/bench_ngram.py, BUILD_NOTES): ~1 MB/s per core on long
+texts, faster than the tokenizers themselves; a call costs ~3 ms of numpy
+overhead, so call it on many documents at once (`lookup_segments`).
 
 Duplicate byte strings (SentencePiece's `<0x41>` byte-fallback piece and the
 piece `A`) resolve to the id the tokenizer itself gives those bytes when they
@@ -35,6 +40,7 @@ import numpy as np
 from alm.tokenization.base import ByteTokenizer, TokenizerError
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing constant (odd: a bijection)
+_BLOCK = 1 << 15  # positions per vectorised block
 
 # Bytes of ordinary text: \t \n \r, printable ASCII, UTF-8 continuation bytes and the
 # lead bytes of planes 0-3 (0xC2-0xF0; 0xF1-0xF4 start planes 4-16: unassigned, tags,
@@ -87,37 +93,55 @@ class SuffixLookup:
     for i, b in enumerate(token_bytes):
       if b and i not in specials and len(b) <= max_bytes:
         by_bytes.setdefault(b, []).append(i)
-    by_length: list[list[tuple[bytes, int]]] = [[] for _ in range(max_bytes + 1)]
-    for b, ids in by_bytes.items():
-      by_length[len(b)].append((b, ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids)))
-    self._tables = [None]  # per length L (index L): (sorted keys, ids, (hi, lo) keys or None)
+    chosen = {b: (ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids))
+              for b, ids in by_bytes.items()}
+    # The table holds every suffix of every token (id -1 when the suffix is not itself a
+    # token): a window that is no token's suffix cannot grow into a token, so the search
+    # stops extending there. Each entry: (length, first L-8 bytes, last <= 8 bytes).
+    suffixes = {b[-k:] for b in chosen for k in range(1, len(b) + 1)}
+    items = [(b, chosen.get(b, -1)) for b in suffixes]
+    lens = np.fromiter((len(b) for b, _ in items), np.int64, len(items))
+    ids = np.fromiter((i for _, i in items), np.int32, len(items))
+    lo = np.zeros(len(items), np.uint64)
+    hi = np.zeros(len(items), np.uint64)
     for length in range(1, max_bytes + 1):
-      items = by_length[length]
-      if not items:
-        self._tables.append(None)
+      sel = np.flatnonzero(lens == length)
+      if not len(sel):
         continue
-      raw = np.frombuffer(b"".join(b for b, _ in items), np.uint8).reshape(len(items), length)
-      ids = np.fromiter((i for _, i in items), np.int32, len(items))
-      lo_len = min(length, 8)
-      lo = _pack_rows(raw[:, length - lo_len:])
-      if length <= 8:
-        key, hi = lo, None
-      else:
-        hi = _pack_rows(raw[:, :length - 8])
-        key = _mix(hi, lo)
-      order = np.argsort(key, kind="stable")
-      key, ids = key[order], ids[order]
+      raw = np.frombuffer(b"".join(items[k][0] for k in sel), np.uint8).reshape(len(sel), length)
+      lo[sel] = _pack_rows(raw[:, max(0, length - 8):])
       if length > 8:
-        hi, lo = hi[order], lo[order]
-        if np.any(key[1:] == key[:-1]):  # never seen; exactness depends on it
-          raise RuntimeError(f"Two {length}-byte tokens of {self.tokenizer_name!r} share a "
-                             "lookup key; report this.")
-      self._tables.append((key, ids, None if hi is None else (hi, lo)))
+        hi[sel] = _pack_rows(raw[:, :length - 8])
+    key = _mix(lens.astype(np.uint64), hi, lo)
+    # Open addressing with linear probing, built without a loop: entries sorted by home
+    # slot take the first free slot at or after it (slot_i = max(home_i, slot_{i-1} + 1),
+    # a running maximum), so each home's entries sit in one run after it, in home order.
+    bits = max(10, int(np.ceil(np.log2(max(1, 2 * len(key))))))
+    self._shift = np.uint64(64 - bits)
+    home = (key >> self._shift).astype(np.int64)
+    order = np.lexsort((key, home))
+    home, key = home[order], key[order]
+    if np.any((key[1:] == key[:-1])):  # never seen; exactness depends on it
+      raise RuntimeError(f"Two tokens of {self.tokenizer_name!r} share a lookup key; report "
+                         "this.")
+    idx = np.arange(len(key))
+    slot = np.maximum.accumulate(home - idx) + idx if len(key) else idx
+    size = (1 << bits) + len(key) + 1  # room after the last home: no wrap-around
+    self._probes = int((slot - home).max(initial=0)) + 1  # the longest run a query walks
+    self._t_key = np.zeros(size, np.uint64)
+    self._t_used = np.zeros(size, bool)
+    self._t_home = np.full(size, np.iinfo(np.int64).max)
+    self._t_key[slot], self._t_used[slot], self._t_home[slot] = key, True, home
+    self._t_ids = np.full(size, -1, np.int32)
+    self._t_len = np.zeros(size, np.int64)
+    self._t_hi = np.zeros(size, np.uint64)
+    self._t_lo = np.zeros(size, np.uint64)
+    self._t_ids[slot], self._t_len[slot] = ids[order], lens[order]
+    self._t_hi[slot], self._t_lo[slot] = hi[order], lo[order]
+    self._len1 = lo[(lens == 1) & (ids >= 0)]
     # Byte values without a one-byte token: a byte student cannot give them an n-gram id.
-    one = self._tables[1]
     have = np.zeros(256, bool)
-    if one is not None:
-      have[one[0].astype(np.int64)] = True
+    have[self._len1.astype(np.int64)] = True
     self.missing_bytes = np.flatnonzero(~have)
 
   def check_bytes(self) -> None:
@@ -142,36 +166,67 @@ class SuffixLookup:
   def __call__(self, data: bytes | bytearray | np.ndarray) -> np.ndarray:
     """int32 [len(data)]: the longest token id ending at each byte (-1: none)."""
     arr = np.frombuffer(bytes(data), np.uint8) if not isinstance(data, np.ndarray) else data
-    n = len(arr)
-    out = np.full(n, -1, np.int32)
-    if n == 0:
-      return out
-    keys = _pack(arr, self.max_bytes)
-    for length in range(1, min(self.max_bytes, n) + 1):
-      table = self._tables[length]
-      if table is None:
-        continue
-      tkey, tids, parts = table
-      if length <= 8:
-        q = keys[length][length - 1:]
-      else:
-        lo = keys[8][length - 1:]
-        hi = keys[length - 8][length - 9:n - 8]  # the first L - 8 bytes end 8 before i
-        q = _mix(hi, lo)
-      pos = np.searchsorted(tkey, q)
-      pos_c = np.minimum(pos, len(tkey) - 1)
-      hit = tkey[pos_c] == q
-      if parts is not None:
-        hit &= (parts[0][pos_c] == hi) & (parts[1][pos_c] == lo)
-      idx = np.flatnonzero(hit)
-      out[idx + length - 1] = tids[pos_c[idx]]
-    return out
+    return self._lookup(arr, np.arange(1, len(arr) + 1))
 
   def lookup_segments(self, data: bytes, cuts: np.ndarray | list[int]) -> np.ndarray:
     """Like `__call__`, with no match crossing a cut (byte offsets where a special sits)."""
-    bounds = [0, *sorted(int(c) for c in cuts if 0 < c < len(data)), len(data)]
-    parts = [self(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    arr = np.frombuffer(bytes(data), np.uint8)
+    start = np.zeros(len(arr), np.int64)
+    cuts = np.asarray([c for c in np.asarray(cuts, np.int64).ravel() if 0 < c < len(arr)],
+                      np.int64)
+    start[cuts] = cuts
+    start = np.maximum.accumulate(start) if len(arr) else start
+    return self._lookup(arr, np.arange(len(arr)) - start + 1)
+
+  def _lookup(self, arr: np.ndarray, avail: np.ndarray) -> np.ndarray:
+    """The lookup, with at most `avail[i]` bytes ending at i usable (its segment's)."""
+    n = len(arr)
+    out = np.full(n, -1, np.int32)
+    span = self.max_bytes - 1
+    for s in range(0, n, _BLOCK):  # blocks bound the [max_bytes, block] temporaries
+      e = min(n, s + _BLOCK)
+      lo_s = max(0, s - span)
+      out[s:e] = self._block(arr[lo_s:e], np.minimum(avail[s:e], self.max_bytes), s - lo_s)
+    return out
+
+  def _block(self, arr: np.ndarray, avail: np.ndarray, skip: int) -> np.ndarray:
+    """Ids for positions skip.. of arr (earlier bytes are context only)."""
+    n, m = len(arr), self.max_bytes
+    keys = _pack(arr, min(m, 8))  # keys[l][i]: the last l bytes ending at i
+    out = np.full(n - skip, -1, np.int32)
+    act = np.flatnonzero(avail >= 1)  # positions (relative to skip) still extending
+    for length in range(1, min(m, n) + 1):
+      if not len(act):
+        break
+      pos = act + skip
+      lo = keys[min(length, 8)][pos]
+      hi = keys[length - 8][pos - 8] if length > 8 else np.zeros_like(lo)
+      ln = np.uint64(length)
+      q = _mix(ln, hi, lo)
+      k = self._find(q)
+      kc = np.maximum(k, 0)
+      hit = ((k >= 0) & (self._t_len[kc] == length) & (self._t_hi[kc] == hi)
+             & (self._t_lo[kc] == lo))
+      tid = np.where(hit, self._t_ids[kc], -1)
+      is_token = tid >= 0
+      out[act[is_token]] = tid[is_token]  # longer lengths come later and overwrite
+      act = act[hit & (avail[act] > length)]
+    return out
+
+  def _find(self, q: np.ndarray) -> np.ndarray:
+    """Table slots of the keys q (-1: absent): linear probing from each home slot until
+    the key, an empty slot or an entry of a later home."""
+    home = (q >> self._shift).astype(np.int64)
+    k = np.full(len(q), -1, np.int64)
+    active = np.arange(len(q))
+    for step in range(self._probes):
+      sl = home[active] + step
+      done = self._t_key[sl] == q[active]
+      k[active[done]] = sl[done]
+      active = active[~done & self._t_used[sl] & (self._t_home[sl] <= home[active])]
+      if not len(active):
+        break
+    return k
 
   def next_id(self, tail: bytes) -> int:
     """The longest token that is a suffix of `tail` (the bytes so far), or -1."""
@@ -187,10 +242,15 @@ def _pack_rows(rows: np.ndarray) -> np.ndarray:
   return out
 
 
-def _mix(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-  """A 64-bit key of a 9..16-byte window (its two packed halves), for sorting."""
+def _mix(length: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+  """A 64-bit key of a window: its length and its two packed halves, mixed, for sorting."""
   with np.errstate(over="ignore"):
-    return lo ^ (hi * _MIX + (hi >> np.uint64(29)))
+    x = lo ^ ((hi + length * np.uint64(0x100000001B3)) * _MIX)
+    # splitmix64's finaliser (a bijection): every bit of the key, the top ones
+    # included (they pick the hash slot), depends on every input bit.
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _preferred(tokenizer: ByteTokenizer, b: bytes, ids: list[int]) -> int:
