@@ -19,8 +19,8 @@ byte string with a few vectorised numpy passes, no Python loop per byte:
   some token's suffix (a window that is no token's suffix cannot grow into a
   token), and a longer hit overwrites a shorter one.
 
-Throughput (benchmarks/bench_ngram.py, BUILD_NOTES): ~1 MB/s per core on long
-texts, faster than the tokenizers themselves; a call costs ~3 ms of numpy
+Throughput (benchmarks/bench_ngram.py, BUILD_NOTES): ~0.8 MB/s per core on a
+shared machine, about the speed of the teacher's own tokenizer; a call costs ~3 ms of numpy
 overhead, so call it on many documents at once (`lookup_segments`).
 
 Duplicate byte strings (SentencePiece's `<0x41>` byte-fallback piece and the
@@ -129,9 +129,8 @@ class SuffixLookup:
     size = (1 << bits) + len(key) + 1  # room after the last home: no wrap-around
     self._probes = int((slot - home).max(initial=0)) + 1  # the longest run a query walks
     self._t_key = np.zeros(size, np.uint64)
-    self._t_used = np.zeros(size, bool)
     self._t_home = np.full(size, np.iinfo(np.int64).max)
-    self._t_key[slot], self._t_used[slot], self._t_home[slot] = key, True, home
+    self._t_key[slot], self._t_home[slot] = key, home  # empty slots: home = max
     self._t_ids = np.full(size, -1, np.int32)
     self._t_len = np.zeros(size, np.int64)
     self._t_hi = np.zeros(size, np.uint64)
@@ -223,7 +222,7 @@ class SuffixLookup:
       sl = home[active] + step
       done = self._t_key[sl] == q[active]
       k[active[done]] = sl[done]
-      active = active[~done & self._t_used[sl] & (self._t_home[sl] <= home[active])]
+      active = active[~done & (self._t_home[sl] <= home[active])]
       if not len(active):
         break
     return k

@@ -27,7 +27,8 @@ harness's published ones:
 - Long inputs keep their last `max_length` input tokens (the last token of a
   scored sequence is a target only, as in lm-eval's HF model).
 
-Scoring goes through `alm.eval.scoring.score_tokens` (the one scoring core).
+Scoring goes through `alm.eval.scoring.score_positions` (the one scoring core, at the
+continuation's positions).
 Requests are sorted by length and padded to a few fixed lengths (powers of two
 and their midpoints) with a fixed number of rows per length, so a run compiles
 once per length bucket, never per request.
@@ -71,13 +72,13 @@ def _bucket(n: int, cap: int) -> int:
 
 
 # Scored positions per row (the continuation's tokens) are padded to one of these;
-# a group whose longest continuation needs more than half its row scores every
-# position. Each (row length, K) pair compiles once.
+# a group whose longest continuation needs more than half its row scores all T - 1
+# predicted positions. Each (row length, K) pair compiles once.
 _SCORED_BUCKETS = (4, 16, 64)
 
 
 def _scored_bucket(n: int, t: int) -> int | None:
-  """K positions to score for continuations of up to n tokens in rows of t (None: all)."""
+  """K positions to score for continuations of up to n tokens in rows of t (None: all t - 1)."""
   for k in _SCORED_BUCKETS:
     if n <= k and 2 * k <= t:
       return k
@@ -212,24 +213,19 @@ class ALMLM(LM):
         seq = trimmed[i][0]
         ids[r, :len(seq)] = seq
         mask[r, :len(seq)] = True
-      k = _scored_bucket(max(trimmed[i][1] for i in group), t)
-      if k is None:  # long continuations (rolling windows): every position
-        sc = scoring.score_tokens(self.model, ids, mask, greedy=True)
-        lp, gr = np.asarray(sc.logprobs, np.float64), np.asarray(sc.greedy)
-        for r, i in enumerate(group):
-          length, n = len(trimmed[i][0]), trimmed[i][1]
-          out[i] = (float(lp[r, length - n:length].sum()), bool(gr[r, length - n:length].all()))
-      else:  # a few continuation tokens: the output layer runs on those alone
-        at = np.ones((rows, k), np.int32)  # filler rows score position 1, never read
-        for r, i in enumerate(group):
-          length, n = len(trimmed[i][0]), trimmed[i][1]
-          at[r] = length - 1  # padding repeats the last position, never summed
-          at[r, :n] = np.arange(length - n, length)
-        sc = scoring.score_positions(self.model, ids, mask, at, greedy=True)
-        lp, gr = np.asarray(sc.logprobs, np.float64), np.asarray(sc.greedy)
-        for r, i in enumerate(group):
-          n = trimmed[i][1]
-          out[i] = (float(lp[r, :n].sum()), bool(gr[r, :n].all()))
+      # The continuation's positions, padded to a bucket of K (the whole row when a
+      # continuation is long, e.g. rolling windows); the output layer runs on those alone.
+      k = _scored_bucket(max(trimmed[i][1] for i in group), t) or t - 1
+      at = np.ones((rows, k), np.int32)  # filler rows score position 1, never read
+      for r, i in enumerate(group):
+        length, n = len(trimmed[i][0]), trimmed[i][1]
+        at[r] = length - 1  # padding repeats the last position, never summed
+        at[r, :n] = np.arange(length - n, length)
+      sc = scoring.score_positions(self.model, ids, mask, at, greedy=True)
+      lp, gr = np.asarray(sc.logprobs, np.float64), np.asarray(sc.greedy)
+      for r, i in enumerate(group):
+        n = trimmed[i][1]
+        out[i] = (float(lp[r, :n].sum()), bool(gr[r, :n].all()))
       pos += len(group)
       bar.update(len(group))
     bar.close()
