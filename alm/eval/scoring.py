@@ -60,6 +60,9 @@ def logit_scores(logits: jax.Array, ids: jax.Array, *, greedy: bool = False) -> 
   if not (logits.ndim == 3 and ids.shape == logits.shape[:2]):
     raise ValueError(f"logit_scores needs logits [B, T, V] and ids [B, T]; got shapes "
                      f"{logits.shape} and {ids.shape}.")
+  if ids.shape[1] < 2:  # one token: nothing is predicted
+    zeros = jnp.zeros(ids.shape, jnp.float32)
+    return TokenScores(logprobs=zeros, greedy=jnp.zeros(ids.shape, bool) if greedy else None)
   sc = target_scores(logits[:, :-1], ids[:, 1:], greedy=greedy)  # position t - 1 -> token t
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # nothing predicts position 0
   return TokenScores(logprobs=pad(sc.logprobs), greedy=None if sc.greedy is None
