@@ -87,14 +87,7 @@ class SuffixLookup:
       raise ValueError(f"max_bytes must be in 1..16, got {max_bytes}.")
     self.tokenizer_name = getattr(tokenizer, "name", "tokenizer")
     self.max_bytes = max_bytes
-    token_bytes = tokenizer.token_bytes
-    specials = tokenizer.special_ids
-    by_bytes: dict[bytes, list[int]] = {}
-    for i, b in enumerate(token_bytes):
-      if b and i not in specials and len(b) <= max_bytes:
-        by_bytes.setdefault(b, []).append(i)
-    chosen = {b: (ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids))
-              for b, ids in by_bytes.items()}
+    chosen = token_choices(tokenizer, max_bytes)
     # The table holds every suffix of every token (id -1 when the suffix is not itself a
     # token): a window that is no token's suffix cannot grow into a token, so the search
     # stops extending there. Each entry: (length, first L-8 bytes, last <= 8 bytes).
@@ -231,6 +224,21 @@ class SuffixLookup:
     """The longest token that is a suffix of `tail` (the bytes so far), or -1."""
     tail = bytes(tail[-self.max_bytes:])
     return int(self(tail)[-1]) if tail else -1
+
+
+def token_choices(tokenizer: ByteTokenizer, max_bytes: int) -> dict[bytes, int]:
+  """{token bytes: the id a match returns} for every non-special token of <= max_bytes.
+
+  Several ids with the same bytes resolve to the id the tokenizer gives those
+  bytes alone, else the lowest.
+  """
+  specials = tokenizer.special_ids
+  by_bytes: dict[bytes, list[int]] = {}
+  for i, b in enumerate(tokenizer.token_bytes):
+    if b and i not in specials and len(b) <= max_bytes:
+      by_bytes.setdefault(b, []).append(i)
+  return {b: (ids[0] if len(ids) == 1 else _preferred(tokenizer, b, ids))
+          for b, ids in by_bytes.items()}
 
 
 def _pack_rows(rows: np.ndarray) -> np.ndarray:

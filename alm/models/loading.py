@@ -408,6 +408,10 @@ def load_weights(name_or_path: str | Path, *, dtype=jnp.float32,
                  param_dtype=jnp.float32) -> Transformer:
   """Like `load_model` but returns only the model (no tokenizer)."""
   p = resolve_model_path(name_or_path)
+  from alm.bytes.model import is_byte_student_dir  # pylint: disable=import-outside-toplevel
+  if is_byte_student_dir(p):  # a byte student: the body + its n-gram files
+    from alm.bytes.model import load_byte_student  # pylint: disable=import-outside-toplevel
+    return load_byte_student(p, dtype=dtype, param_dtype=param_dtype)
   if p.is_dir():
     return load_hf(p, dtype=dtype, param_dtype=param_dtype)
   return load_gguf(p, dtype=dtype, param_dtype=param_dtype)

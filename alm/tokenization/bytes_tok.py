@@ -25,25 +25,33 @@ class BytesTokenizer(VocabTokenizer):
 
   Args:
     specials: special token strings, given ids 256, 257, ... in order; must
-      contain "<bos>" and "<eos>".
-    add_bos: prepend "<bos>" in `encode(..., add_special_tokens=True)`.
+      contain `bos` and `eos`.
+    add_bos: prepend the BOS token in `encode(..., add_special_tokens=True)`.
+    bos: the special that is BOS.
+    eos: the special that is EOS.
+    pad: the special that is padding (None: "<pad>" when it is a special).
   """
 
-  def __init__(self, specials: Sequence[str] = DEFAULT_SPECIALS, *, add_bos: bool = True):
+  def __init__(self, specials: Sequence[str] = DEFAULT_SPECIALS, *, add_bos: bool = True,
+               bos: str = "<bos>", eos: str = "<eos>", pad: str | None = None):
     specials = tuple(specials)
     if len(set(specials)) != len(specials):
       raise ValueError(f"Duplicate special tokens in {specials}.")
-    for s in ("<bos>", "<eos>"):
+    for role, s in (("BOS", bos), ("EOS", eos)) + ((("pad", pad),) if pad else ()):
       if s not in specials:
-        raise ValueError(f"The byte tokenizer needs {s!r} among its specials; got {specials}.")
+        raise ValueError(f"The byte tokenizer's {role} token {s!r} is not among its specials "
+                         f"{specials}.")
     self.name = "bytes"
     self.specials = specials
+    self.bos_token, self.eos_token = bos, eos
     self._token_bytes = [bytes([b]) for b in range(256)] + [b""] * len(specials)
     self._special_ids = frozenset(range(256, 256 + len(specials)))
     self._special_to_id = {s: 256 + i for i, s in enumerate(specials)}
-    self._bos_id = self._special_to_id["<bos>"]
-    self._eos_id = self._special_to_id["<eos>"]
-    self.pad_id = self._special_to_id.get("<pad>")
+    self.special_names = {i: s for s, i in self._special_to_id.items()}
+    self._bos_id = self._special_to_id[bos]
+    self._eos_id = self._special_to_id[eos]
+    self.pad_token = pad or ("<pad>" if "<pad>" in specials else None)
+    self.pad_id = self._special_to_id.get(self.pad_token) if self.pad_token else None
     self._add_bos = add_bos
 
   def token_to_id(self, token: str) -> int:
@@ -95,7 +103,9 @@ class BytesTokenizer(VocabTokenizer):
     with open(d / "tokenizer.json", "w", encoding="utf-8") as f:
       json.dump(self.hf_json(), f, ensure_ascii=False)
     with open(d / "tokenizer_config.json", "w", encoding="utf-8") as f:
-      json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": self.specials[0]
-                 if "<pad>" not in self.specials else "<pad>", "add_bos_token": self._add_bos,
-                 "alm_tokenizer": "bytes", "alm_specials": list(self.specials),
+      json.dump({"bos_token": self.bos_token, "eos_token": self.eos_token,
+                 "pad_token": self.pad_token or self.eos_token,
+                 "add_bos_token": self._add_bos, "alm_tokenizer": "bytes",
+                 "alm_specials": list(self.specials),
+                 **({"alm_pad_token": self.pad_token} if self.pad_token else {}),
                  "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)

@@ -97,6 +97,10 @@ def _load_path(path: Path, fmt: str | None, *, name: str, **kwargs) -> VocabToke
       kwargs.setdefault("add_bos", cfg.get("add_bos_token", True))
       if kwargs["specials"] is None:
         del kwargs["specials"]
+      else:  # the roles, as saved (older files: the default names)
+        kwargs.setdefault("bos", cfg.get("bos_token", "<bos>"))
+        kwargs.setdefault("eos", cfg.get("eos_token", "<eos>"))
+        kwargs.setdefault("pad", cfg.get("alm_pad_token"))
       return BytesTokenizer(**kwargs)
     if cfg.get("alm_tokenizer") == "tiktoken":
       kwargs.setdefault("add_bos", cfg.get("add_bos_token", True))

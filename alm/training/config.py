@@ -179,12 +179,18 @@ class AdapterConfig:
                            strict=True)
   train_embeddings: bool = _opt(True, "Train the student's input (and output) embeddings.")
   train_body: bool = _opt(False, "Full fine-tuning: train every student parameter (a separate "
-                          "student only; a shared-body student would change its teacher).")
+                          "student, or a byte student, whose body is then a copy; a "
+                          "shared-body student would change its teacher).")
   projector: bool = _opt(False, "Train an embedding projector on the student's input "
                          "embeddings (docs/method.md §8).")
   projector_layers: int = _opt(3, "Projector depth.", low=1)
   projector_heads: int = _opt(12, "Projector attention heads (must divide the model width).",
                               low=1)
+  ngram_embeddings: bool = _opt(True, "Byte students (target_tokenizer=bytes): add the "
+                                "teacher's embedding of the longest teacher token ending at "
+                                "each byte (the backtracked subword n-gram, kept frozen).")
+  ngram_max_bytes: int = _opt(16, "Byte students: the longest n-gram looked up, in bytes.",
+                              low=1, high=16)
 
   def __post_init__(self):
     _check_fields(self)

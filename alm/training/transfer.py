@@ -341,9 +341,15 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   elif job.bias_tables:
     logging.warning("Ignoring bias_tables=%s: only constraint='unbiased' with an ALM term "
                     "uses them.", job.bias_tables)
-  # The student's tokenizer (a separate student's own, read without its weights).
-  student_tok = load_tokenizer(_student_spec(job))
   separate = bool(job.student_model)
+  to_bytes = not separate and job.target_tokenizer == "bytes"
+  # The student's tokenizer (a separate student's own, read without its weights; a byte
+  # student's: the bytes + the teacher's specials).
+  if to_bytes:
+    from alm.bytes.model import byte_tokenizer_for
+    student_tok = byte_tokenizer_for(load_tokenizer(job.model))
+  else:
+    student_tok = load_tokenizer(_student_spec(job))
   if not separate and cfg.shapes.teacher_param_dtype != "float32":
     raise TrainConfigError("teacher_param_dtype applies to a separate teacher (large-to-small "
                            "distillation); in tokenizer transfer the student shares the "
@@ -391,6 +397,13 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   if separate:
     fingerprint["student_model"] = job.student_model
     model = build_distill_model(teacher, teacher_tok, student, student_tok, cfg)
+  elif to_bytes:
+    from alm.bytes.student import ByteStudent
+    from alm.training.students import build_model
+    model = build_model(ByteStudent(), teacher, teacher_tok, student_tok, cfg)
+    logging.info("Built the byte student (n-gram embeddings: %s; body: %s) (%.1fs)",
+                 cfg.adapters.ngram_embeddings, "copied" if cfg.adapters.train_body else
+                 "shared + LoRA", time.time() - t0)
   else:
     model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
     logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer,
