@@ -7,6 +7,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import alm
 from alm.bytes.lookup import TokenTable, ngram_ids, usable_run
@@ -127,8 +128,16 @@ def test_shared_and_copied_body():
 
 
 def nnx_state(m):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   return nnx.state(m)
+
+
+_JIT_FWD = nnx.jit(lambda m, i, a, c: m(i, attention_mask=a, cache=c))
+
+
+def _fwd(model, ids, mask=None, cache=None):
+  """The model's forward under nnx.jit (eager calls compile every op per shape)."""
+  ids = jnp.asarray(ids)
+  return _JIT_FWD(model, ids, jnp.ones(ids.shape, bool) if mask is None else jnp.asarray(mask), cache)
 
 
 def test_cache_is_incremental_and_equals_the_full_forward():
@@ -141,29 +150,29 @@ def test_cache_is_incremental_and_equals_the_full_forward():
   for r, x in enumerate(texts):
     ids[r, t - len(x):] = np.frombuffer(x, np.uint8)
     mask[r, t - len(x):] = True
-  full = np.asarray(st(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
-  cache = st.init_cache(2, t)
-  out = st(jnp.asarray(ids[:, :7]), attention_mask=jnp.asarray(mask[:, :7]), cache=cache)
+  full = np.asarray(_fwd(st, ids, mask).logits)
+  out = _fwd(st, ids[:, :7], mask[:, :7], st.init_cache(2, t))
   steps = [np.asarray(out.logits)]
-  cache = out.cache
-  for i in range(7, t):
-    out = st(jnp.asarray(ids[:, i:i + 1]), attention_mask=jnp.asarray(mask[:, i:i + 1]),
-             cache=cache)  # row 1 is still padding at the first steps
-    cache = out.cache
+  for i in range(7, t):  # row 1 is still padding at the first steps: its mask says so
+    out = _fwd(st, ids[:, i:i + 1], mask[:, i:i + 1], out.cache)
     steps.append(np.asarray(out.logits))
   inc = np.concatenate(steps, axis=1)
   np.testing.assert_allclose(inc[mask], full[mask], rtol=2e-4, atol=2e-4)
 
 
 def test_generate_equals_greedy_reforward():
+  """Greedy generation = argmax of a forward over the text so far (causal: a fixed-size
+  buffer whose later slots do not change earlier logits)."""
   _, _, st, bt = _student()
   prompt = np.frombuffer(b"the thing th", np.uint8).astype(np.int32)[None]
-  res = generate(st, prompt, max_new_tokens=6)
-  seq = prompt
-  for _ in range(6):
-    nxt = int(np.argmax(np.asarray(st(jnp.asarray(seq)).logits)[0, -1]))
-    seq = np.concatenate([seq, [[nxt]]], axis=1)
-  np.testing.assert_array_equal(res.tokens[0], seq[0, prompt.shape[1]:])
+  n = 6
+  res = generate(st, prompt, max_new_tokens=n)
+  p = prompt.shape[1]
+  buf = np.zeros((1, p + n), np.int32)
+  buf[:, :p] = prompt
+  for i in range(p, p + n):
+    buf[0, i] = int(np.argmax(np.asarray(_fwd(st, buf).logits)[0, i - 1]))
+  np.testing.assert_array_equal(res.tokens[0], buf[0, p:])
 
 
 @pytest.mark.parametrize("ngram", [True, False])

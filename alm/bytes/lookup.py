@@ -29,6 +29,7 @@ longest hit the position's run of usable bytes allows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,7 @@ class TokenTable:
                max_bytes=max_bytes)
 
 
+@functools.partial(jax.jit, static_argnames=("max_bytes",))
 def usable_run(breaks: jax.Array, segment_ids: jax.Array | None, max_bytes: int) -> jax.Array:
   """int32 [B, N]: how many bytes ending at each position a window may use.
 
@@ -137,6 +139,9 @@ def usable_run(breaks: jax.Array, segment_ids: jax.Array | None, max_bytes: int)
   return jnp.minimum(pos - last, max_bytes).astype(jnp.int32)
 
 
+# Jitted on their own too, so an eager forward (a notebook) runs them as one computation
+# each rather than op by op; under an outer jit they are inlined.
+@functools.partial(jax.jit, static_argnames=("bits", "probes", "max_bytes"))
 def ngram_ids(table: dict[str, jax.Array], byte_ids: jax.Array, run: jax.Array, *,
               bits: int, probes: int, max_bytes: int) -> jax.Array:
   """int32 [B, N]: the longest table token ending at each position, -1 where none.
@@ -152,21 +157,26 @@ def ngram_ids(table: dict[str, jax.Array], byte_ids: jax.Array, run: jax.Array, 
   u = jnp.uint32
   b = (byte_ids & 0xFF).astype(u)
   slots, words_t, lengths_t = table["slots"], table["words"], table["lengths"]
-  words = [jnp.zeros_like(b) for _ in range(4)]
-  out = jnp.full(b.shape, -1, jnp.int32)
-  for length in range(1, max_bytes + 1):
+  pos = jnp.arange(b.shape[1], dtype=jnp.int32)
+
+  # Loops, not unrolled Python: one compiled body per loop keeps compilation short.
+  def one_length(length, carry):
+    words, out = carry  # words [4, B, N]: the window of this length ending at each position
     k = length - 1
-    shifted = jnp.pad(b, ((0, 0), (k, 0)))[:, :b.shape[1]] if k else b  # b[i - k]
-    words[k // 4] = words[k // 4] | (shifted << u(8 * (k % 4)))
-    home = (_hash(length, words, jnp) >> u(32 - bits)).astype(jnp.int32)
-    hit = jnp.full(b.shape, -1, jnp.int32)
-    for p in range(probes):
+    src = pos - k
+    shifted = jnp.where(src >= 0, jnp.take(b, jnp.maximum(src, 0), axis=1), u(0))  # b[i - k]
+    words = words.at[k // 4].set(words[k // 4] | (shifted << (8 * (k % 4)).astype(u)))
+    home = (_hash(length, [words[j] for j in range(4)], jnp) >> u(32 - bits)).astype(jnp.int32)
+
+    def probe(p, hit):
       cand = slots[home + p]
       c = jnp.maximum(cand, 0)
-      ok = (cand >= 0) & (lengths_t[c] == length)
-      w = words_t[c]  # [B, N, 4]
-      for j in range(4):
-        ok = ok & (w[..., j] == words[j])
-      hit = jnp.where(ok, cand, hit)
-    out = jnp.where((run >= length) & (hit >= 0), hit, out)
-  return out
+      ok = (cand >= 0) & (lengths_t[c] == length) & jnp.all(
+          words_t[c] == jnp.moveaxis(words, 0, -1), axis=-1)
+      return jnp.where(ok, cand, hit)
+
+    hit = jax.lax.fori_loop(0, probes, probe, jnp.full(b.shape, -1, jnp.int32))
+    return words, jnp.where((run >= length) & (hit >= 0), hit, out)
+
+  init = (jnp.zeros((4,) + b.shape, u), jnp.full(b.shape, -1, jnp.int32))
+  return jax.lax.fori_loop(1, max_bytes + 1, one_length, init)[1]
