@@ -259,6 +259,12 @@ def ids_tail(h: int) -> slice:
   return slice(-h, None) if h else slice(0, 0)
 
 
+def _copy(module):
+  """A deep copy of an NNX module, arrays included."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+
+
 def byte_student(base: Transformer, base_tok: ByteTokenizer, *, ngram: bool = True,
                  max_bytes: int = 16, copy_body: bool = False,
                  byte_tok: BytesTokenizer | None = None) -> tuple[ByteTransformer, BytesTokenizer]:
@@ -301,8 +307,8 @@ def byte_student(base: Transformer, base_tok: ByteTokenizer, *, ngram: bool = Tr
   pdt = base.param_dtype
   body.embedder.embedding.set_value(jnp.asarray(new_in, pdt))
   body.lm_head.kernel.set_value(jnp.asarray(new_out.T, pdt))
-  if copy_body:
-    body.layers, body.final_norm = nnx.clone(base.layers), nnx.clone(base.final_norm)
+  if copy_body:  # new buffers, not only new Variables: the step donates what trains
+    body.layers, body.final_norm = _copy(base.layers), _copy(base.final_norm)
   else:
     body.layers, body.final_norm = base.layers, base.final_norm
   table = TokenTable.build(base_tok, max_bytes) if ngram else None

@@ -33,10 +33,9 @@ from alm.losses import chunks as chunks_lib
 from alm.losses.reduce import LossSum
 
 Divergence = Literal["kl", "tv", "reverse_kl"]
-Constraint = Literal["unconstrained", "boundary_prob"]
-# Constraints that need only the tokens (and bias tables): applied where the
-# chunks are made, by `alm.align`, never here (one implementation each).
-HOST_CONSTRAINTS = ("space", "unbiased")
+Constraint = Literal["unconstrained", "boundary_prob", "space"]
+# Needs the bias tables: applied where the chunks are made, by `alm.align`, never here.
+HOST_CONSTRAINTS = ("unbiased",)
 
 
 def check_gamma(gamma: float) -> None:
@@ -63,10 +62,15 @@ class ALMConfig:
       probability 1/2 underflows float32); `a = exp(L / tau)`. Paper
       default 100.
     constraint: which chunk boundaries the loss keeps: "unconstrained" (those
-      of the given chunk ids) or "boundary_prob" (from the teacher's boundary
-      probability; needs the teacher boundary mask). "space" and "unbiased"
-      need only the tokens, so `alm.align(..., constraint=...)` applies them
-      where the chunks are made; pass its chunk ids with "unconstrained".
+      of the given chunk ids), "boundary_prob" (from the teacher's boundary
+      probability; needs the teacher boundary mask) or "space" (where the next
+      token on both sides is a boundary token, or is in no chunk, e.g. a
+      special; needs both boundary masks): the rule of `alm.align(...,
+      constraint="space")` read from the tokens on the device, so one batch
+      serves two chunkings (the byte recipe's second ALM term; with shared
+      boundary bytes the two agree, tests/test_alm_space.py). "unbiased"
+      needs bias tables, so `alm.align` applies it where the chunks are made;
+      pass its chunk ids with "unconstrained".
     gamma: threshold of "boundary_prob", a probability in (0, 1).
     debias: add the outcome-chunk boundary log-prob to each chunk (needs
       both boundary masks).
@@ -305,10 +309,19 @@ def _exclusive_cumsum(x):
   return jnp.cumsum(x, axis=1) - x
 
 
-def _keep_boundaries(config, ct):
+def _keep_boundaries(config, ct, cs, teacher, student):
   """bool [B, C]: keep the boundary after chunk c (else merge into c + 1)."""
   if config.constraint == "boundary_prob":
     return ct.boundary > math.log(config.gamma)
+  if config.constraint == "space":
+    keep = jnp.ones(ct.present.shape, bool)
+    for side, ch in ((teacher, ct), (student, cs)):
+      t = side.ids.shape[1]
+      nxt = jnp.minimum(ch.last + 1, t - 1)
+      nid = jnp.take_along_axis(side.ids, nxt, axis=1)
+      in_chunk = jnp.take_along_axis(side.chunk_ids, nxt, axis=1) >= 0
+      keep = keep & (side.boundary_mask[nid] | ~in_chunk | (ch.last + 1 >= t) | ~ch.present)
+    return keep
   return jnp.ones(ct.present.shape, bool)
 
 
@@ -361,6 +374,10 @@ def _validate(config, teacher, student):
                      f"{teacher.ids.shape[0]} vs {student.ids.shape[0]}")
   if config.constraint == "boundary_prob" and teacher.boundary_mask is None:
     raise ValueError("constraint='boundary_prob' needs teacher.boundary_mask")
+  if config.constraint == "space" and (teacher.boundary_mask is None or
+                                       student.boundary_mask is None):
+    raise ValueError("constraint='space' needs both boundary masks (tokenizer."
+                     "boundary_token_mask(shared_boundary_bytes(teacher_tok, student_tok)))")
 
 
 @jax.tree_util.register_dataclass
@@ -412,7 +429,7 @@ def aligned_chunk_logprobs(
   ct, cs = sides
   present = ct.present | cs.present
   bad = present & ~(ct.valid & cs.valid)
-  rule = _keep_boundaries(config, ct)
+  rule = _keep_boundaries(config, ct, cs, teacher, student)
   # Never merge across a document's end or past the row's last chunk. Where
   # the text provably ends the chunk is complete whatever the rule says; at a
   # cut a chunk the rule would merge onward is incomplete: its group

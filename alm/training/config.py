@@ -368,6 +368,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-distill": dict(method="alm+sft", steps=5_000, learning_rate=5e-6, warmup_steps=500,
                           batch_size=64, teacher_len=1024, student_len=1024, lora_rank=0,
                           train_body=True, constraint="unbiased"),
+    # Transfer to bytes (docs/method.md §8; --target_tokenizer=bytes): the paper's objective
+    # (ALM + ALM over space chunks + the hidden-state loss, balanced by GradMag), full
+    # fine-tuning of a copied body, no projector; the student row ~4x the teacher's in
+    # bytes. CPU-sized:
+    "bytes-demo": dict(method="alm", add_terms="alm_space=1,hidden=1", combine="gradmag",
+                       steps=30, learning_rate=1e-4, warmup_steps=3, batch_size=4,
+                       teacher_len=64, student_len=256, lora_rank=0, train_body=True,
+                       constraint="boundary_prob", teacher_samples=32),
+    # ... and the paper's (LR 3e-5, batch 32, 2048 bytes per 512 teacher tokens).
+    "paper-bytes": dict(method="alm", add_terms="alm_space=1,hidden=1", combine="gradmag",
+                        steps=20_000, learning_rate=3e-5, warmup_steps=2_000, batch_size=32,
+                        teacher_len=512, student_len=2048, lora_rank=0, train_body=True,
+                        divergence="kl", tau=100.0, gamma=0.1, constraint="unbiased"),
 }
 
 

@@ -50,7 +50,7 @@ class ALMTerm(Term):
     """
     tt, st = ctx.teacher_tok, ctx.student_tok
     shared = (shared_boundary_bytes(tt, st)
-              if self.cfg.debias or self.cfg.constraint == "boundary_prob" else None)
+              if self.cfg.debias or self.cfg.constraint != "unconstrained" else None)
     return {"teacher_boundary": np.asarray(tt.boundary_token_mask(shared), bool),
             "student_boundary": np.asarray(st.boundary_token_mask(shared), bool)}
 
@@ -65,6 +65,27 @@ class ALMTerm(Term):
 
     return alm_loss_lib.alm_loss(side("teacher", fwd.teacher), side("student", fwd.student),
                                  self.cfg)
+
+
+@register_term
+class ALMSpaceTerm(ALMTerm):
+  """ALM over chunks merged up to whitespace boundaries (the loss's "space" constraint).
+
+  The byte-transfer recipe's second ALM term (docs/method.md §8): the same
+  batch, the chunks merged where the next token on either side does not start
+  a pretoken, so the chunks are close to words. It reads the chunks the main
+  term asked the pipeline for.
+  """
+
+  name = "alm_space"
+
+  @classmethod
+  def from_config(cls, objective: ObjectiveConfig) -> "ALMSpaceTerm":
+    c = objective.constraint
+    return cls(alm_loss_lib.ALMConfig(divergence=objective.divergence, tau=objective.tau,
+                                      constraint="space", gamma=objective.gamma,
+                                      debias=objective.debias),
+               data=c if c in HOST_CONSTRAINTS else "unconstrained")
 
 
 register_method(Method("alm", "ALM: match the teacher's chunk likelihoods.", (("alm", 1.0),)))
