@@ -222,3 +222,56 @@ def test_ids_out_of_range_are_refused():
   _, _, st, bt = _student()
   with pytest.raises(alm.models.transformer.InputError, match="out of range"):
     st(jnp.asarray([[1, 2, bt.vocab_size]]))
+
+
+@pytest.mark.parametrize("train_body", [True, False])
+def test_byte_student_trains_exports_and_reloads(tmp_path, train_body):
+  """The engine trains a byte student with no special case: the paper's objective
+  (ALM + ALM over space chunks + hidden states, GradMag); what trains is what the kind
+  says (never the frozen subword table); the export reloads with identical logits."""
+  import training_utils as tu  # pylint: disable=import-outside-toplevel
+  from alm.bytes.student import ByteStudent  # pylint: disable=import-outside-toplevel
+  from alm.training.config import TrainConfig  # pylint: disable=import-outside-toplevel
+  from alm.training.students import export_student  # pylint: disable=import-outside-toplevel
+  corpus = tu.write_corpus(tmp_path)
+  cfg = TrainConfig.build(method="alm", add_terms="alm_space=1,hidden=1", combine="gradmag",
+                          steps=2, warmup_steps=1, batch_size=2, teacher_len=32,
+                          student_len=96, lora_rank=0 if train_body else 4,
+                          train_body=train_body, learning_rate=1e-2)
+  trainer = tu.tiny_trainer(corpus, tmp_path / "run", cfg, kind=ByteStudent(), checkpoint_dir="")
+  model = trainer.model()
+  sub_before = np.asarray(model.student.transformer.subword.embedding[...]).copy()
+  layer_before = np.asarray(model.teacher.transformer.layers[0].mlp.down_proj.kernel[...]).copy()
+  summary = trainer.fit()
+  assert np.isfinite(summary["final_student_bpb"])
+  model = trainer.model()
+  st = model.student.transformer
+  np.testing.assert_array_equal(np.asarray(st.subword.embedding[...]), sub_before)
+  # The teacher never changes (a copied body trains apart from it; LoRA is off on its path).
+  np.testing.assert_array_equal(
+      np.asarray(model.teacher.transformer.layers[0].mlp.down_proj.kernel[...]), layer_before)
+  if train_body:
+    assert not np.array_equal(np.asarray(st.layers[0].mlp.down_proj.kernel[...]), layer_before)
+  from alm.bytes.model import byte_tokenizer_for  # pylint: disable=import-outside-toplevel
+  bt = byte_tokenizer_for(tu.teacher_tokenizer())
+  ids = jnp.asarray(np.frombuffer(b"the thing there", np.uint8).astype(np.int32))[None]
+  want = np.asarray(_fwd(st, ids).logits)
+  d = export_student(model, tmp_path / "export", bt)
+  loaded, _ = alm.load_model(d)
+  np.testing.assert_allclose(np.asarray(_fwd(loaded, ids).logits), want, rtol=1e-5, atol=1e-5)
+
+
+def test_byte_row_length_is_checked_against_the_data(tmp_path):
+  import training_utils as tu  # pylint: disable=import-outside-toplevel
+  from alm.data.sources import open_source  # pylint: disable=import-outside-toplevel
+  from alm.training.config import TrainConfig, TrainConfigError  # pylint: disable=import-outside-toplevel
+  from alm.training.transfer import check_byte_row_length  # pylint: disable=import-outside-toplevel
+  src = open_source(str(tu.write_corpus(tmp_path)))
+  tt = tu.teacher_tokenizer()
+  ratio = check_byte_row_length(src, tt, TrainConfig.build(teacher_len=32, student_len=64))
+  texts = tu.TEXTS
+  want = sum(len(t.encode()) for t in texts) / sum(
+      len(tt.encode(t, add_special_tokens=False)) for t in texts)
+  assert ratio == pytest.approx(want)
+  with pytest.raises(TrainConfigError, match=r"Pass --student_len=\d+"):
+    check_byte_row_length(src, tt, TrainConfig.build(teacher_len=128, student_len=32))

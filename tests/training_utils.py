@@ -45,8 +45,11 @@ def write_corpus(directory: Path, texts=TEXTS, name: str = "train.jsonl") -> Pat
   return p
 
 
-def tiny_trainer(corpus: Path, out: Path, cfg, **opts):
-  """A `Trainer` of the tiny teacher -> byte student on `corpus`.
+def tiny_trainer(corpus: Path, out: Path, cfg, *, kind=None, **opts):
+  """A `Trainer` of the tiny teacher -> byte-vocabulary student on `corpus`.
+
+  `kind`: a student kind (default: `SharedBody`; `alm.bytes.student.ByteStudent()`
+  builds a byte student with the n-gram embeddings, its byte tokenizer from the teacher's).
 
   The training pipeline is shuffled by `cfg.seed`; the held-out set is the
   corpus's first batch of 2 rows. `opts` go to `RunOptions` (no progress bar,
@@ -56,9 +59,14 @@ def tiny_trainer(corpus: Path, out: Path, cfg, **opts):
   from alm.data.pipeline import Pipeline, PipelineConfig
   from alm.training.students import build_transfer_model
   from alm.training.trainer import RunOptions, Trainer, take_batches
+  from alm.training.students import build_model  # pylint: disable=import-outside-toplevel
   tt, st = teacher_tokenizer(), student_tokenizer()
+  if kind is not None and kind.name == "bytes":
+    from alm.bytes.model import byte_tokenizer_for  # pylint: disable=import-outside-toplevel
+    st = byte_tokenizer_for(tt)
   lens = dict(teacher_len=cfg.shapes.teacher_len, student_len=cfg.shapes.student_len)
-  model = build_transfer_model(teacher_model(0), tt, st, cfg)
+  model = (build_transfer_model(teacher_model(0), tt, st, cfg) if kind is None else
+           build_model(kind, teacher_model(0), tt, st, cfg))
   pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=cfg.shapes.batch_size,
                                                       seed=cfg.seed, **lens))
   heldout = take_batches(Pipeline(str(corpus), tt, st, PipelineConfig(

@@ -263,6 +263,48 @@ def _check_documents_early(job: TransferJob, cfg: TrainConfig, student_tok,
       logging.info("%s: all %d documents tokenize (%.1fs).", what, n, time.time() - t0)
 
 
+def check_byte_row_length(src, teacher_tok, cfg: TrainConfig, text_field: str = "text",
+                          docs: int = 64) -> float | None:
+  """Measures bytes per teacher token on the first documents; checks the byte row length.
+
+  A byte student's row must hold about as much text as the teacher's: student_len
+  ~= bytes per teacher token x teacher_len (the paper: 2048 bytes for 512
+  tokens). Rows are cut where both sides fit, so a short byte row leaves the
+  teacher's rows mostly padding and a long one pads the student's.
+
+  Returns:
+    The measured bytes per teacher token (None when no document has text).
+
+  Raises:
+    TrainConfigError: the byte rows hold less than half the text of the
+      teacher's rows (names the student_len to use).
+  """
+  from alm.training.config import TrainConfigError  # pylint: disable=import-outside-toplevel
+  n_bytes = n_tokens = 0
+  for i in range(min(docs, len(src))):
+    text = src[i].get(text_field)
+    if isinstance(text, str) and text:
+      n_bytes += len(text.encode("utf-8"))
+      n_tokens += len(teacher_tok.encode(text, add_special_tokens=False))
+  if not n_tokens:
+    return None
+  ratio = n_bytes / n_tokens
+  want = int(round(ratio * cfg.shapes.teacher_len))
+  have = cfg.shapes.student_len
+  msg = (f"student_len={have} bytes against teacher_len={cfg.shapes.teacher_len} tokens: the "
+         f"data has {ratio:.2f} bytes per teacher token (first {min(docs, len(src))} "
+         f"documents), so rows of equal text need student_len ~= {want}")
+  if have < want / 2:
+    raise TrainConfigError(msg + f"; the teacher's rows would be less than half full. Pass "
+                           f"--student_len={want} (or a smaller --teacher_len).")
+  if not 0.8 * want <= have <= 1.25 * want:
+    logging.warning("%s; the %s rows will be partly padding.", msg,
+                    "teacher's" if have < want else "student's")
+  else:
+    logging.info("Byte rows: %s (set: %d).", msg, have)
+  return ratio
+
+
 def _hold_output_dirs(job: TransferJob, opts: RunOptions, command: str | None,
                       held: list) -> None:
   """Checks that every output can be written, then takes the run's directory locks.
@@ -362,6 +404,10 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     _check_documents_early(job, cfg, student_tok,
                            {"--data": train_src, "--heldout_data": heldout_src,
                             **{f"--extra_heldout={k}": v for k, v in extra_srcs.items()}})
+  bytes_per_token = None
+  if to_bytes:  # before the model loads: a row shape that wastes the teacher fails fast
+    bytes_per_token = check_byte_row_length(train_src, load_tokenizer(job.model), cfg,
+                                            job.text_field)
   _hold_output_dirs(job, opts, command, held)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.shapes.dtype]
   teacher, teacher_tok = load_model(
@@ -434,6 +480,8 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
            **{k: v for k, v in skipped_heldout.items() if v or "@" not in k}}
   for label, spec in extra_specs.items():
     extra[f"heldout@{label}"] = spec
+  if bytes_per_token:
+    extra["bytes_per_teacher_token"] = round(bytes_per_token, 3)
   if command:
     extra["command"] = command
   trainer = Trainer(model, teacher_tok, student_tok, cfg, train, heldout, opts,
