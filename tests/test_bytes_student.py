@@ -275,3 +275,26 @@ def test_byte_row_length_is_checked_against_the_data(tmp_path):
   assert ratio == pytest.approx(want)
   with pytest.raises(TrainConfigError, match=r"Pass --student_len=\d+"):
     check_byte_row_length(src, tt, TrainConfig.build(teacher_len=128, student_len=32))
+
+
+def test_stored_by_reference_reads_the_base_and_refuses_another(tmp_path):
+  """--export_subword=reference: the table comes from the recorded base, checked by its
+  vocabulary fingerprint; a missing or different base is one clear error."""
+  from alm.models.loading import save_model  # pylint: disable=import-outside-toplevel
+  base, tok = alm.load_model("smollm2-135m-instruct")
+  base_dir = save_model(base, tmp_path / "base", tok)  # an HF directory: a path base
+  base, tok = alm.load_model(base_dir)
+  st, bt = byte_student(base, tok)
+  d = save_byte_student(st, tmp_path / "s", bt, subword="reference")
+  assert "subword_embedding" not in __import__("safetensors.numpy").numpy.load_file(
+      str(d / "alm_ngram" / "ngram.safetensors"))
+  ids = jnp.asarray(np.frombuffer(b"the thing there", np.uint8).astype(np.int32))[None]
+  loaded, _ = alm.load_model(d)
+  np.testing.assert_array_equal(np.asarray(_fwd(loaded, ids).logits),
+                                np.asarray(_fwd(st, ids).logits))
+  with pytest.raises(ValueError, match="another base model"):
+    load_byte_student(d, base="gemma3-270m")
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(base_dir)
+  with pytest.raises(FileNotFoundError, match="by reference to the base model"):
+    load_byte_student(d)

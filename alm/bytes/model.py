@@ -345,8 +345,24 @@ def vocab_fingerprint(tok: ByteTokenizer) -> str:
   return h.hexdigest()[:16]
 
 
-def save_byte_student(model: ByteTransformer, directory, tokenizer: BytesTokenizer):
-  """Writes a byte student (see "Storage" above); returns the directory."""
+SUBWORD_STORAGE = ("copy", "reference")
+
+
+def save_byte_student(model: ByteTransformer, directory, tokenizer: BytesTokenizer, *,
+                      subword: str = "copy"):
+  """Writes a byte student (see "Storage" above); returns the directory.
+
+  Args:
+    model: the byte student.
+    directory: where to write.
+    tokenizer: its byte tokenizer.
+    subword: "copy" stores the frozen subword table with the student (self-
+      contained); "reference" stores only the base model's name and
+      vocabulary fingerprint, and `load_byte_student` reads the table from
+      that base (saves the base's whole embedding table: 671 MB for Gemma 3).
+  """
+  from alm._validation import check_choice  # pylint: disable=import-outside-toplevel
+  check_choice("subword", subword, SUBWORD_STORAGE)
   # pylint: disable=import-outside-toplevel
   import json
   from pathlib import Path
@@ -359,11 +375,16 @@ def save_byte_student(model: ByteTransformer, directory, tokenizer: BytesTokeniz
           "base": model.base[0], "base_fingerprint": model.base[1],
           "special_base_ids": [int(i) for i in np.asarray(model.special_ids[...])]}
   if spec is not None:
-    meta.update(bits=spec.bits, probes=spec.probes)
+    if subword == "reference" and not model.base[0]:
+      raise ValueError("subword='reference' needs the base model's name; this student has "
+                       "none recorded. Store the table (subword='copy').")
+    meta.update(bits=spec.bits, probes=spec.probes, subword=subword)
     (Path(d) / NGRAM_FILE).parent.mkdir(exist_ok=True)
-    save_file({"subword_embedding": np.asarray(model.subword.embedding[...]),
-               "slots": np.asarray(model.slots[...]), "words": np.asarray(model.words[...]),
-               "lengths": np.asarray(model.lengths[...])}, str(Path(d) / NGRAM_FILE))
+    arrays = {"slots": np.asarray(model.slots[...]), "words": np.asarray(model.words[...]),
+              "lengths": np.asarray(model.lengths[...])}
+    if subword == "copy":
+      arrays["subword_embedding"] = np.asarray(model.subword.embedding[...])
+    save_file(arrays, str(Path(d) / NGRAM_FILE))
   (Path(d) / BYTE_STUDENT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
   return d
 
@@ -382,12 +403,21 @@ def is_byte_student_dir(path) -> bool:
   return Path(path).is_dir() and (Path(path) / BYTE_STUDENT_FILE).is_file()
 
 
-def load_byte_student(directory, *, dtype=jnp.float32, param_dtype=jnp.float32
-                      ) -> ByteTransformer:
+def load_byte_student(directory, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                      base: str | None = None) -> ByteTransformer:
   """The byte student stored in `directory` by `save_byte_student`.
 
+  Args:
+    directory: the export.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    base: for a student stored by reference, the base model (asset name, .gguf
+      or HF directory) to read the subword table from; default: the recorded one.
+
   Raises:
-    FileNotFoundError: its n-gram file is missing.
+    FileNotFoundError: its n-gram file is missing, or (by reference) the base
+      model cannot be found.
+    ValueError: (by reference) the base is another model than the student's.
     alm.models.loading.CheckpointError: the files disagree with each other.
   """
   # pylint: disable=import-outside-toplevel
@@ -403,9 +433,9 @@ def load_byte_student(directory, *, dtype=jnp.float32, param_dtype=jnp.float32
                           f"{meta.get('format')!r}; this alm reads format 1.")
   body = load_hf(d, dtype=dtype, param_dtype=param_dtype)
   special = np.asarray(meta["special_base_ids"], np.int32)
-  base = {"base": meta.get("base", ""), "base_fingerprint": meta.get("base_fingerprint", "")}
+  rec = {"base": meta.get("base", ""), "base_fingerprint": meta.get("base_fingerprint", "")}
   if not meta["ngram"]:
-    return ByteTransformer(body, None, None, special, **base)
+    return ByteTransformer(body, None, None, special, **rec)
   f = d / NGRAM_FILE
   if not f.is_file():
     raise FileNotFoundError(f"{d} is a byte student with n-gram embeddings but has no "
@@ -414,11 +444,33 @@ def load_byte_student(directory, *, dtype=jnp.float32, param_dtype=jnp.float32
   table = TokenTable(slots=arrays["slots"], words=arrays["words"], lengths=arrays["lengths"],
                      bits=int(meta["bits"]), probes=int(meta["probes"]),
                      max_bytes=int(meta["max_bytes"]))
-  sub = arrays["subword_embedding"]
+  if meta.get("subword", "copy") == "reference":
+    sub = _base_table(base or meta["base"], meta["base_fingerprint"], d, param_dtype)
+  else:
+    sub = arrays["subword_embedding"]
   if sub.shape[1] != body.cfg.hidden_size:
     raise CheckpointError(f"{f}: subword embeddings of width {sub.shape[1]}, the body's is "
                           f"{body.cfg.hidden_size}.")
-  return ByteTransformer(body, _embedder(sub, param_dtype), table, special, **base)
+  if sub.shape[0] < len(table.lengths):
+    raise CheckpointError(f"{d}: the subword table has {sub.shape[0]} rows, the lookup "
+                          f"{len(table.lengths)} base ids.")
+  return ByteTransformer(body, _embedder(sub, param_dtype), table, special, **rec)
+
+
+def _base_table(base: str, fingerprint: str, where, param_dtype) -> np.ndarray:
+  """The input embedding table of `base`, checked to be the student's base."""
+  # pylint: disable=import-outside-toplevel
+  from alm.models.loading import load_weights
+  from alm.tokenization.loading import load_tokenizer
+  try:
+    tok = load_tokenizer(base)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{where} stores its subword table by reference to the base model "
+                            f"{base!r}, which is not found here. Install or copy that model "
+                            "(or pass base=PATH to its new place), or export the student "
+                            "with the table included (--export_subword=copy).") from None
+  check_base(fingerprint, tok, str(where))
+  return np.asarray(load_weights(base, param_dtype=param_dtype).embedder.embedding[...])
 
 
 def _embedder(table: np.ndarray, param_dtype) -> Embedder:
@@ -437,7 +489,7 @@ def check_base(meta_fingerprint: str, base_tok: ByteTokenizer, where: str) -> No
   """Raises ValueError unless `base_tok` is the vocabulary the byte student was made from."""
   got = vocab_fingerprint(base_tok)
   if got != meta_fingerprint:
-    raise ValueError(f"{where} is a byte student of another base model (vocabulary "
-                     f"{meta_fingerprint}, this teacher's {got}: "
-                     f"{getattr(base_tok, 'name', 'the teacher')!r}); its n-gram ids index "
-                     "the base's vocabulary, so use the base model it was made from.")
+    raise ValueError(f"{where} is a byte student of another base model: its n-gram ids index "
+                     f"a vocabulary with fingerprint {meta_fingerprint}, but "
+                     f"{getattr(base_tok, 'name', 'the given base')!r} has {got}. Load it with "
+                     "the base model it was made from.")

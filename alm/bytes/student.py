@@ -23,6 +23,10 @@ class ByteStudent(StudentKind):
 
   name = "bytes"
 
+  def __init__(self, subword_storage: str = "copy"):
+    """subword_storage: how the export stores the subword table ("copy" / "reference")."""
+    self.subword_storage = subword_storage
+
   def build(self, teacher, teacher_tok, student_tok, adapters, rngs):
     from alm.bytes.model import byte_student  # pylint: disable=import-outside-toplevel
     if adapters.projector:
@@ -32,6 +36,7 @@ class ByteStudent(StudentKind):
     student, _ = byte_student(teacher, teacher_tok, ngram=adapters.ngram_embeddings,
                               max_bytes=adapters.ngram_max_bytes, copy_body=adapters.train_body,
                               byte_tok=student_tok)
+    student.subword_storage = self.subword_storage  # read by `export`
     if adapters.lora_rank:  # on the shared body; the teacher path runs with LoRA off
       lora_lib.apply_lora(teacher, lora_lib.LoRAConfig(rank=adapters.lora_rank,
                                                        alpha=adapters.lora_alpha), rngs=rngs)
@@ -51,4 +56,5 @@ class ByteStudent(StudentKind):
     from alm.bytes.model import save_byte_student  # pylint: disable=import-outside-toplevel
     st = model.student.transformer
     lora_lib.merge_lora(st)
-    return save_byte_student(st, directory, tokenizer)
+    return save_byte_student(st, directory, tokenizer,
+                             subword=getattr(st, "subword_storage", "copy"))

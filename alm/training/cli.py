@@ -194,6 +194,10 @@ def define_run_flags(default_out_dir: str) -> None:
   flags.DEFINE_integer("log_every", d("log_every"), "Log training metrics every N steps.")
   flags.DEFINE_string("export_dir", None, "Export the student here as an HF directory (default: "
                       "<out_dir>/export; '' disables).")
+  flags.DEFINE_enum("export_subword", "copy", ["copy", "reference"], "Byte students: store "
+                    "the frozen subword table in the export ('copy', self-contained) or only "
+                    "the base model's name and vocabulary fingerprint ('reference': "
+                    "alm.load_model reads the table from that base).")
   flags.DEFINE_bool("progress", d("progress"), "Show a progress bar.")
   flags.DEFINE_integer("max_nonfinite_steps", d("max_nonfinite_steps"), "Stop after this many "
                        "consecutive steps with a non-finite loss or gradient (each is skipped, "
@@ -253,7 +257,8 @@ def run_from_flags(argv, binary: str, **job_fields: Any) -> None:
   # Option errors surface before any model is loaded.
   cfg = train_config_from_flags()
   try:
-    job = TransferJob(export_dir=export_dir_from_flags(), **job_fields,
+    job = TransferJob(export_dir=export_dir_from_flags(), export_subword=FLAGS.export_subword,
+                      **job_fields,
                       **data_job_kwargs(TransferJob))
   except ValueError as e:
     raise app.UsageError(str(e)) from None

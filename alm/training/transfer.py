@@ -62,6 +62,8 @@ class TransferJob:
     num_workers: grain worker processes for tokenisation and alignment.
     export_dir: where to write the trained student as an HF directory
       ("" : no export).
+    export_subword: a byte student's frozen subword table in the export:
+      "copy" or "reference" (`alm.bytes.model.save_byte_student`).
     bias_tables: directory of tokenization-bias tables of this tokenizer pair
       (written by `python -m experiments.compute_bias_tables`); required by
       constraint "unbiased".
@@ -92,6 +94,7 @@ class TransferJob:
   pack: bool = False
   num_workers: int = 0
   export_dir: str = ""
+  export_subword: str = "copy"
   bias_tables: str = ""
   teacher_samples: int = 0
   teacher_sample_tokens: int = 128
@@ -104,6 +107,7 @@ class TransferJob:
     from alm._validation import check_choice
     from alm.data import pipeline
     check_choice("bad_documents", self.bad_documents, pipeline.BAD_DOCUMENTS)
+    check_choice("export_subword", self.export_subword, ("copy", "reference"))
     check_choice("text_normalization", self.text_normalization, pipeline.TEXT_NORMALIZATIONS)
     if not self.text_field:
       raise ValueError("text_field must be a non-empty field name.")
@@ -446,7 +450,8 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   elif to_bytes:
     from alm.bytes.student import ByteStudent
     from alm.training.students import build_model
-    model = build_model(ByteStudent(), teacher, teacher_tok, student_tok, cfg)
+    model = build_model(ByteStudent(subword_storage=job.export_subword), teacher, teacher_tok,
+                        student_tok, cfg)
     logging.info("Built the byte student (n-gram embeddings: %s; body: %s) (%.1fs)",
                  cfg.adapters.ngram_embeddings, "copied" if cfg.adapters.train_body else
                  "shared + LoRA", time.time() - t0)
