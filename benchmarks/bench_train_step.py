@@ -73,7 +73,9 @@ def _load(name: str, param_dtype=jnp.float32):
   model, tok = load_model(name, param_dtype=param_dtype)
   if FLAGS.num_layers:
     model.layers = nnx.List(list(model.layers)[:FLAGS.num_layers])
-    model.cfg = model.cfg.replace(num_layers=FLAGS.num_layers)
+    n = FLAGS.num_layers
+    model.cfg = model.cfg.replace(num_layers=n, **(
+        {"layer_types": model.cfg.layer_types[:n]} if model.cfg.layer_types else {}))
   return model, tok
 
 
