@@ -175,9 +175,9 @@ def main(argv):
           f"{r['peak_bytes'] / 2**20:.0f} |")
   lk = res["lookup"]
   print(f"\nlookup: {lk['device_s'] * 1e3:.1f} ms per batch in the model "
-        f"({lk["device_bytes_per_s"] / 1e6:.3g} MB/s, "
+        f"({lk['device_bytes_per_s'] / 1e6:.3g} MB/s, "
         f"{100 * out['lookup_share_of_byte_step']:.1f} % of the byte step); host numpy "
-        f"{lk["host_bytes_per_s"] / 1e6:.3g} MB/s")
+        f"{lk['host_bytes_per_s'] / 1e6:.3g} MB/s")
 
 
 if __name__ == "__main__":
