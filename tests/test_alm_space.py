@@ -26,10 +26,11 @@ TEXTS = ["the thing there: thinking and thanking in the thaw.",
          "Numbers 12345, symbols #$%, and café 東京 too."]
 
 
-def _pair():
+def _pair(bos=True):
   teacher = GreedyTokenizer(["th", "the", " the", "ing", "an", " a", "er", "he", "in", " t",
-                             "ou", "en", " s", "ch", "es", "or", " thing", "  "], name="t")
-  return teacher, BytesTokenizer()
+                             "ou", "en", " s", "ch", "es", "or", " thing", "  "], name="t",
+                            add_bos=bos)
+  return teacher, BytesTokenizer(add_bos=bos)
 
 
 def _side(tok, enc, chunk_ids, logits, mask):
@@ -41,10 +42,11 @@ def _side(tok, enc, chunk_ids, logits, mask):
                            text_continues=jnp.zeros((1, n), bool))
 
 
+@pytest.mark.parametrize("bos", [True, False])  # without: token 0 is text, unpredicted
 @pytest.mark.parametrize("debias", [True, False])
 @pytest.mark.parametrize("text", TEXTS)
-def test_loss_space_equals_host_space(text, debias):
-  tt, st = _pair()
+def test_loss_space_equals_host_space(text, debias, bos):
+  tt, st = _pair(bos)
   shared = shared_boundary_bytes(tt, st)
   assert set(tt.boundary_bytes) == set(st.boundary_bytes) == set(shared)  # the premise
   te, se = tt.encode(text), st.encode(text)

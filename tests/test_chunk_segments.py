@@ -271,11 +271,13 @@ def test_packed_pipeline_batches_never_merge_two_documents(tmp_path):
 
 
 def test_each_constraint_has_one_implementation():
-  """"space"/"unbiased" only in alm.align (host), "boundary_prob" only in the loss (device).
+  """"unbiased" only in alm.align (host), "boundary_prob" only in the loss (device); the
+  main term's "space" in alm.align, and the loss's own "space" (the `alm_space` term) is
+  checked equal to it in test_alm_space.py.
 
-  Before, "space" ran both in the pipeline's alm.align and again in the loss,
-  and the two disagreed when token 0 was text (the loss kept the rest of the
-  first word, alm.align dropped the whole word).
+  Before, "space" ran both in the pipeline's alm.align and again in the loss for the
+  same term, and the two disagreed when token 0 was text (the loss kept the rest of the
+  first word, alm.align dropped the whole word; the loss's rule now drops it too).
   """
   from alm.training import step as step_lib  # pylint: disable=import-outside-toplevel
   from alm.training.config import TrainConfig  # pylint: disable=import-outside-toplevel
@@ -285,8 +287,8 @@ def test_each_constraint_has_one_implementation():
     cfg = TrainConfig.build(constraint=constraint)
     assert step_lib.Objective(cfg).data_constraint == constraint
     assert device_constraint(cfg) == "unconstrained"
-    with pytest.raises(ValueError, match="alm.align"):
-      alm_lib.ALMConfig(constraint=constraint)
+  with pytest.raises(ValueError, match="alm.align"):
+    alm_lib.ALMConfig(constraint="unbiased")
   cfg = TrainConfig.build(constraint="boundary_prob")
   assert step_lib.Objective(cfg).data_constraint == "unconstrained"
   assert device_constraint(cfg) == "boundary_prob"

@@ -360,6 +360,28 @@ def _chunk_stops(side: Side, ch: chunks_lib.ChunkLogProbs):
   return stop & ch.present, text_ends & ch.present
 
 
+def _after_unchunked_text(side: Side, c: int) -> tuple[jax.Array, jax.Array]:
+  """bool [B, C] each: (the token just before chunk c's first token is text in no
+  chunk, chunk c's first token is a boundary token: it starts a word).
+
+  Text is a loss-mask token (all tokens without a mask) of the same segment.
+  """
+  ids = side.chunk_ids.astype(jnp.int32)
+  b, t = ids.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  slot = jnp.where(ids >= 0, ids, c)  # slot c: tokens in no chunk
+  first = -chunks_lib._row_segment_max(jnp.where(ids >= 0, -pos, -t), slot, c + 1)[:, :c]
+  prev = jnp.clip(first - 1, 0, t - 1)
+  text = (jnp.ones((b, t), bool) if side.loss_mask is None
+          else side.loss_mask.astype(bool))
+  seg = jnp.zeros((b, t), jnp.int32) if side.segment_ids is None else side.segment_ids
+  take = lambda x, i: jnp.take_along_axis(x, i, axis=1)
+  at = jnp.clip(first, 0, t - 1)
+  after = ((first >= 1) & (first < t) & (take(ids, prev) < 0) & take(text, prev)
+           & (take(seg, prev) == take(seg, at)))
+  return after, side.boundary_mask[take(side.ids, at)]
+
+
 def _validate(config, teacher, student):
   for name, side in (("teacher", teacher), ("student", student)):
     chunks_lib.check_chunk_ids(side.chunk_ids, side.ids, name)
@@ -439,8 +461,18 @@ def aligned_chunk_logprobs(
   stop, text_ends = stop_t | stop_s, ends_t | ends_s
   incomplete = stop & ~text_ends & ~rule
   # An invalid chunk always ends its group, so it only spoils the group it
-  # would have joined, never the one after it.
-  keep = rule | stop | bad
+  # would have joined, never the one after it. Under "space" a group is a word
+  # fixed by the tokens alone (as alm.align's), so an invalid chunk spoils its
+  # whole word, and so does text in no chunk just before it (a row without BOS:
+  # alm.align drops the chunk of the unpredicted token 0, and its "space" rule
+  # the rest of that first word).
+  if config.constraint == "space":
+    keep = rule | stop
+    (after_t, word_t), (after_s, word_s) = (_after_unchunked_text(teacher, c),
+                                            _after_unchunked_text(student, c))
+    bad = bad | ((after_t | after_s) & ~(word_t & word_s))
+  else:
+    keep = rule | stop | bad
   group = _exclusive_cumsum(keep.astype(jnp.int32))  # [B, C]
   seg_sum = functools.partial(chunks_lib._row_segment_sum, seg=group, num=c)
   g_present = seg_sum(present.astype(jnp.int32)) > 0
