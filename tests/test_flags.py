@@ -19,7 +19,7 @@ BAD = {
     "teacher_samples": ["-1"], "teacher_sample_tokens": ["7"], "eval_batches": ["0"],
     "eval_batch_size": ["0"], "num_workers": ["-1"], "tau": ["0", "nan"], "gamma": ["0", "nan"],
     "ntp_weight": ["-1", "nan"], "lora_rank": ["-1"], "lora_alpha": ["0", "inf"],
-    "projector_layers": ["0"], "projector_heads": ["0"], "steps": ["-1"],
+    "projector_layers": ["0"], "projector_heads": ["0"], "ngram_max_bytes": ["0", "17"], "steps": ["-1"],
     "learning_rate": ["0", "nan"], "warmup_steps": ["-1"], "decay_to": ["1.5"],
     "grad_clip": ["-1", "nan"], "batch_size": ["0"], "grad_accum": ["0"], "teacher_len": ["1"],
     "student_len": ["1"], "seed": ["-1"], "mesh_data": ["0"], "mesh_fsdp": ["0"],
