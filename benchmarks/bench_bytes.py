@@ -31,6 +31,7 @@ from flax import nnx
 from alm.bytes.model import byte_tokenizer_for
 from alm.bytes.ngram import SuffixLookup
 from alm.bytes.student import ByteStudent
+from benchmarks.steps import keep_layers, step_memory
 from alm.data.pipeline import Pipeline, PipelineConfig
 from alm.data.sources import open_source
 from alm.models.loading import load_model
@@ -52,24 +53,9 @@ flags.DEFINE_integer("lora_rank", 64, "LoRA rank of both students (0: full fine-
                      "byte student's copied body; the subword student then uses rank 64).")
 
 
-def _memory(compiled) -> dict[str, int]:
-  """The step's peak device memory from XLA's buffer assignment (as bench_train_step)."""
-  m = compiled.memory_analysis()
-  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "alias_size_in_bytes")
-  out = {k: int(getattr(m, k)) for k in keys}
-  out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                       + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
-  return out
-
-
 def _teacher():
   model, tok = load_model(FLAGS.model)
-  if FLAGS.num_layers:
-    model.layers = nnx.List(list(model.layers)[:FLAGS.num_layers])
-    n = FLAGS.num_layers
-    model.cfg = model.cfg.replace(num_layers=n, **(
-        {"layer_types": model.cfg.layer_types[:n]} if model.cfg.layer_types else {}))
+  keep_layers(model, FLAGS.num_layers)
   return model, tok
 
 
@@ -92,7 +78,7 @@ def _time_step(model, cfg, tt, st, batch) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"compile_s": compile_s, "step_wall_s": statistics.median(wall),
           "step_cpu_s": statistics.median(cpu), "flops": float(cost.get("flops", 0.0)),
-          **_memory(compiled)}
+          **step_memory(compiled)}
 
 
 def main(argv):

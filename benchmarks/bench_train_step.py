@@ -31,9 +31,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from absl import app, flags
 
+from benchmarks.steps import keep_layers, step_memory
 from alm.data.pipeline import Pipeline, PipelineConfig
 from alm.models.loading import load_model
 from alm.tokenization.loading import load_tokenizer
@@ -59,23 +59,9 @@ flags.DEFINE_list("methods", ["sft", "alm"], "Methods to measure (the first is t
                   "the ratios).")
 
 
-def _memory(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "alias_size_in_bytes")
-  out = {k: int(getattr(m, k)) for k in keys}
-  out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                       + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
-  return out
-
-
 def _load(name: str, param_dtype=jnp.float32):
   model, tok = load_model(name, param_dtype=param_dtype)
-  if FLAGS.num_layers:
-    model.layers = nnx.List(list(model.layers)[:FLAGS.num_layers])
-    n = FLAGS.num_layers
-    model.cfg = model.cfg.replace(num_layers=n, **(
-        {"layer_types": model.cfg.layer_types[:n]} if model.cfg.layer_types else {}))
+  keep_layers(model, FLAGS.num_layers)
   return model, tok
 
 
@@ -114,7 +100,7 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"method": method, "compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "step_wall_s": statistics.median(wall),
           "step_cpu_s": statistics.median(cpu), "loss": float(metrics["loss"]),
-          **_memory(compiled)}
+          **step_memory(compiled)}
 
 
 def main(argv):
