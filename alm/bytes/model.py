@@ -335,13 +335,11 @@ NGRAM_FILE = "alm_ngram/ngram.safetensors"  # not beside the body: HF readers gl
 
 
 def vocab_fingerprint(tok: ByteTokenizer) -> str:
-  """A short hash of a vocabulary's token bytes and specials (names the base model's)."""
+  """A short hash of a vocabulary: token bytes, specials and their roles (names the base)."""
   import hashlib  # pylint: disable=import-outside-toplevel
+  from alm.training.students import hash_vocab  # pylint: disable=import-outside-toplevel
   h = hashlib.sha256()
-  h.update(str(tok.vocab_size).encode())
-  for b in tok.token_bytes:
-    h.update(len(b).to_bytes(2, "little") + b)
-  h.update(repr(sorted(int(i) for i in tok.special_ids)).encode())
+  hash_vocab(h, tok)
   return h.hexdigest()[:16]
 
 

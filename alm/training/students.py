@@ -315,15 +315,20 @@ def export_student(model: DistillationModel, directory: str | Path,
   return student_kind(model.kind).export(model, directory, tokenizer)
 
 
+def hash_vocab(h, tok: ByteTokenizer) -> None:
+  """Feeds a vocabulary (size, token bytes, specials and their roles) into hashlib `h`."""
+  h.update(str(tok.vocab_size).encode())
+  for b in tok.token_bytes:
+    h.update(len(b).to_bytes(2, "little") + b)
+  h.update(json.dumps(sorted(int(i) for i in tok.special_ids)).encode())
+  h.update(repr((tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None))).encode())
+
+
 def pair_hash(old: ByteTokenizer, new: ByteTokenizer) -> str:
   """A short hash of both vocabularies (bytes, specials and their roles)."""
   h = hashlib.sha256()
   for tok in (old, new):
-    h.update(str(tok.vocab_size).encode())
-    for b in tok.token_bytes:
-      h.update(len(b).to_bytes(2, "little") + b)
-    h.update(json.dumps(sorted(int(i) for i in tok.special_ids)).encode())
-    h.update(repr((tok.bos_id, tok.eos_id, getattr(tok, "pad_id", None))).encode())
+    hash_vocab(h, tok)
   return h.hexdigest()[:20]
 
 
