@@ -298,3 +298,9 @@ def test_stored_by_reference_reads_the_base_and_refuses_another(tmp_path):
   shutil.rmtree(base_dir)
   with pytest.raises(FileNotFoundError, match="by reference to the base model"):
     load_byte_student(d)
+
+
+def test_empty_prompt_is_a_clear_error():
+  _, _, st, _ = _student()
+  with pytest.raises(alm.models.transformer.InputError, match="prompts are empty"):
+    generate(st, np.zeros((1, 0), np.int32), max_new_tokens=2)

@@ -146,6 +146,9 @@ def check_generation_inputs(input_ids, attention_mask, vocab_size: int,
   check_token_ids(ids, vocab_size)
   if max_new_tokens < 1:
     raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  if ids.shape[1] == 0:
+    raise InputError("The prompts are empty: a prompt needs at least one token (encode the "
+                     "text with add_special_tokens=True for a BOS, or give some text).")
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
   if mask.shape != ids.shape:
     raise InputError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}.")
