@@ -102,3 +102,24 @@ def test_bad_positions_are_named(batch):
     scoring.score_positions(model, ids, mask, np.zeros((3, 1), np.int32))
   with pytest.raises(ValueError, match="at must be"):
     scoring.score_positions(model, ids, mask, np.ones((2, 1), np.int32))
+
+
+@pytest.mark.parametrize("what", ["model", "ensemble"])
+def test_blocks_of_positions_give_the_same_scores(batch, what, monkeypatch):
+  # Rolling windows score every position; the output layer then runs on blocks
+  # of positions under LOGIT_BLOCK_BYTES. Shrinking the bound to a few positions
+  # per block (with a ragged last block) must not change a score or a flag.
+  ids, mask, _ = batch
+  tok = tiny_tokenizer("bpe", 300)
+  ids = ids % tok.vocab_size
+  members = [tiny_model("llama", tok.vocab_size, seed=s) for s in (1, 2)]
+  model = members[0] if what == "model" else Ensemble(members, tok, mode="logit")
+  at = np.tile(np.arange(1, 20, dtype=np.int32), (3, 1))  # K = 19: every position
+  whole = scoring.score_positions(model, ids, mask, at, greedy=True)
+  monkeypatch.setattr(scoring, "LOGIT_BLOCK_BYTES", 3 * tok.vocab_size * 4 * 4)  # 4 per block
+  assert scoring._block_positions(3, 19, tok.vocab_size) == 4
+  jax.clear_caches()  # a fresh trace, under the new bound
+  blocked = scoring.score_positions(model, ids, mask, at, greedy=True)
+  np.testing.assert_allclose(np.asarray(blocked.logprobs), np.asarray(whole.logprobs),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(blocked.greedy), np.asarray(whole.greedy))

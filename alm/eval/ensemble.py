@@ -231,11 +231,19 @@ class Ensemble(nnx.Module):
   def logits_at(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                 at: jax.Array) -> jax.Array:
     """The combined logits [B, K, V] at positions `at` [B, K] (see `Transformer.logits_at`)."""
+    return self.unembed_at(self.final_hidden(input_ids, attention_mask=attention_mask), at)
+
+  def final_hidden(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None
+                   ) -> tuple[jax.Array, ...]:
+    """Every member's last residual stream [B, T, D_m] (see `Transformer.final_hidden`)."""
     check_token_ids(input_ids, self.vocab_size)
     self.check_ids(input_ids)
-    return self.combine([m.logits_at(self._member_ids(i, input_ids),
-                                     attention_mask=attention_mask, at=at)
-                         for i, m in enumerate(self.models)])
+    return tuple(m.final_hidden(self._member_ids(i, input_ids), attention_mask=attention_mask)
+                 for i, m in enumerate(self.models))
+
+  def unembed_at(self, hidden: Sequence[jax.Array], at: jax.Array) -> jax.Array:
+    """The combined logits [B, K, V] at positions `at` of the members' `hidden`."""
+    return self.combine([m.unembed_at(h, at) for m, h in zip(self.models, hidden)])
 
   def generate(self, input_ids, **kwargs) -> GenerationResult:
     """`generate_ensemble(self, input_ids, **kwargs)` (the harness calls this)."""

@@ -17,7 +17,11 @@ request): the model's output layer runs on those K positions alone (a model's
 `logits_at`), not on all T — the output layer is 20–65 % of a small model's
 forward (a 49k–262k vocabulary), and a multiple-choice request scores a few
 tokens after a long context. Same numbers as `score_tokens` at those positions
-(`target_scores` is the arithmetic of both).
+(`target_scores` is the arithmetic of both). A model with `final_hidden` and
+`unembed_at` (`alm.Transformer`, byte students, ensembles) runs its body once
+and the output layer on blocks of positions whose logits stay under
+`LOGIT_BLOCK_BYTES`, so a rolling window of 8 x 1024 tokens over a 262k
+vocabulary never holds its 9 GB of logits at once.
 """
 
 from __future__ import annotations
@@ -129,10 +133,46 @@ def logits_at(model, ids: jax.Array, attention_mask: jax.Array, at: jax.Array) -
   return jnp.take_along_axis(full, at[..., None], axis=1)
 
 
+# The most bytes of float32 logits one block of scored positions may hold (per
+# model): a rolling window scores every position of 8 rows x 1024 tokens, whose
+# logits over a 151k-262k vocabulary would be 5-9 GB at once (x members, for an
+# ensemble). Blocks of positions keep it to this bound at the same arithmetic.
+LOGIT_BLOCK_BYTES = 1 << 28
+
+
+def _block_positions(batch: int, positions: int, vocab: int) -> int:
+  """How many positions per block keep [batch, block, vocab] float32 under the bound."""
+  per = max(1, LOGIT_BLOCK_BYTES // max(1, batch * vocab * 4))
+  return positions if per >= positions else max(1, 1 << (per.bit_length() - 1))
+
+
 @nnx.jit(static_argnames=("greedy",))
 def _score_at(model, ids, attention_mask, at, greedy):
-  logits = logits_at(model, ids, attention_mask, at - 1)  # position t - 1 predicts token t
-  return target_scores(logits, jnp.take_along_axis(ids, at, axis=1), greedy=greedy)
+  targets = jnp.take_along_axis(ids, at, axis=1)
+  src = at - 1  # position t - 1 predicts token t
+  if not (hasattr(model, "final_hidden") and hasattr(model, "unembed_at")):
+    return target_scores(logits_at(model, ids, attention_mask, src), targets, greedy=greedy)
+  # The body once, the output layer on blocks of positions (bounded logits memory).
+  hidden = model.final_hidden(ids, attention_mask=attention_mask)
+  b, k = at.shape
+  vocab = jax.eval_shape(lambda h, a: model.unembed_at(h, a), hidden, src[:, :1]).shape[-1]
+  block = _block_positions(b, k, vocab)
+  if block >= k:
+    return target_scores(model.unembed_at(hidden, src), targets, greedy=greedy)
+  n = -(-k // block)
+  pad = n * block - k  # padding repeats the last position; its scores are dropped
+  src = jnp.pad(src, ((0, 0), (0, pad)), mode="edge")
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), mode="edge")
+  blocks = lambda x: x.reshape(b, n, block).swapaxes(0, 1)  # [n, B, block]
+
+  def one(args):
+    s, t = args
+    sc = target_scores(model.unembed_at(hidden, s), t, greedy=greedy)
+    return sc.logprobs, sc.greedy
+
+  lp, gr = jax.lax.map(one, (blocks(src), blocks(targets)))
+  unblock = lambda x: x.swapaxes(0, 1).reshape(b, n * block)[:, :k]
+  return TokenScores(logprobs=unblock(lp), greedy=None if gr is None else unblock(gr))
 
 
 def score_positions(model, ids, attention_mask, at, *, greedy: bool = False) -> TokenScores:

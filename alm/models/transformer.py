@@ -396,9 +396,20 @@ class Transformer(nnx.Module):
     under `jit` (the full logits of `__call__` are then unused and removed);
     what scoring a few tokens after a long context needs (`alm.eval.scoring`).
     """
+    return self.unembed_at(self.final_hidden(input_ids, attention_mask=attention_mask), at)
+
+  def final_hidden(self, input_ids: Array, *, attention_mask: Array | None = None) -> Array:
+    """The last block's residual stream [B, T, D] (what `unembed_at` reads).
+
+    With `unembed_at`, the two halves of `logits_at`: scoring runs the body
+    once and the output layer on blocks of positions (`alm.eval.scoring`).
+    """
     out = self(input_ids, attention_mask=attention_mask, hidden_layers=(-1,))
-    h = out.hidden_states[self.cfg.num_layers]
-    return self.unembed(jnp.take_along_axis(h, at[..., None], axis=1))
+    return out.hidden_states[self.cfg.num_layers]
+
+  def unembed_at(self, hidden: Array, at: Array) -> Array:
+    """Logits [B, K, V] at positions `at` [B, K] of `hidden` (from `final_hidden`)."""
+    return self.unembed(jnp.take_along_axis(hidden, at[..., None], axis=1))
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty KV cache for `batch_size` rows of up to `max_length` tokens."""
