@@ -116,7 +116,8 @@ class Side:
   """One model's view of a batch (teacher or student).
 
   Attributes:
-    logits: [B, T, V] logits of the model on `ids` (any float dtype).
+    logits: [B, T, V] logits of the model on `ids` (any float dtype); None
+      when `token_logprobs` is given.
     ids: int [B, T] token ids.
     chunk_ids: int [B, T] chunk id per token (-1 = in no chunk), from
       `alm.align`; chunk c is the same chunk on both sides of a row.
@@ -136,15 +137,20 @@ class Side:
       boundary after such a piece's last chunk is a cut, not the end of the
       text, so a merged chunk reaching it whose boundary the constraint
       rejects is incomplete and is not trained. None: no row was cut.
+    token_logprobs: optional precomputed `chunks.token_logprobs(logits, ids,
+      boundary_mask)` (a teacher cache's, SPEC §15): everything the loss reads
+      from the logits, so `logits` may be None. Its `boundary` must be there
+      when the config needs it (debiasing, "boundary_prob").
   """
 
-  logits: jax.Array
+  logits: jax.Array | None
   ids: jax.Array
   chunk_ids: jax.Array
   loss_mask: jax.Array | None = None
   boundary_mask: jax.Array | None = None
   segment_ids: jax.Array | None = None
   text_continues: jax.Array | None = None
+  token_logprobs: chunks_lib.TokenLogProbs | None = None
 
 # ---------------------------------------------------------------------------
 # Binarised divergences: precise near 0, guarded, exact-zero at a == b.
@@ -439,13 +445,25 @@ def aligned_chunk_logprobs(
   _validate(config, teacher, student)
   c = num_chunks or min(teacher.ids.shape[1], student.ids.shape[1])
   sides = []
-  for side, frozen in ((teacher, True), (student, False)):
-    logits = jax.lax.stop_gradient(side.logits) if frozen else side.logits
+  for name, side, frozen in (("teacher", teacher, True), ("student", student, False)):
     need_boundary = (config.debias or (frozen and
                                        config.constraint == "boundary_prob"))
-    tok = chunks_lib.token_logprobs(
-        logits, side.ids, side.boundary_mask if need_boundary else None,
-        block_rows=config.block_rows)
+    if side.token_logprobs is not None:
+      tok = side.token_logprobs
+      if need_boundary and tok.boundary is None:
+        raise ValueError(f"{name}.token_logprobs has no boundary log-probs, which "
+                         f"debias={config.debias}, constraint={config.constraint!r} need.")
+      if not need_boundary:
+        tok = chunks_lib.TokenLogProbs(path=tok.path, boundary=None)
+      if frozen:
+        tok = jax.lax.stop_gradient(tok)
+    elif side.logits is None:
+      raise ValueError(f"{name} has neither logits nor token_logprobs.")
+    else:
+      logits = jax.lax.stop_gradient(side.logits) if frozen else side.logits
+      tok = chunks_lib.token_logprobs(
+          logits, side.ids, side.boundary_mask if need_boundary else None,
+          block_rows=config.block_rows)
     sides.append(chunks_lib.chunk_logprobs(tok, side.chunk_ids, c,
                                            side.loss_mask))
   ct, cs = sides

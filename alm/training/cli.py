@@ -140,6 +140,12 @@ def define_data_flags(job_cls) -> None:
   flags.DEFINE_string("bias_tables", None, "Tokenization-bias tables of this tokenizer pair "
                       "(a directory written by experiments.compute_bias_tables); needed by "
                       "--constraint=unbiased.")
+  flags.DEFINE_string("teacher_cache", d("teacher_cache"), "Train from a teacher cache "
+                      "(a directory written by experiments.cache_teacher for this run's "
+                      "teacher, tokenizers, data and shapes): the rows and the teacher's "
+                      "outputs are read from it, the teacher never runs in the step. ALM "
+                      "methods only; a cache of another run is refused with the command that "
+                      "builds the right one.")
   _register_minimums({"teacher_samples": 0, "teacher_sample_tokens": 8, "eval_batches": 1,
                       "eval_batch_size": 1, "num_workers": 0})
 
@@ -166,7 +172,8 @@ def data_job_kwargs(job_cls) -> dict[str, Any]:
             pack=FLAGS.pack, num_workers=FLAGS.num_workers, bias_tables=FLAGS.bias_tables or "",
             teacher_samples=FLAGS.teacher_samples,
             teacher_sample_tokens=FLAGS.teacher_sample_tokens, text_field=FLAGS.text_field,
-            bad_documents=FLAGS.bad_documents, text_normalization=FLAGS.text_normalization)
+            bad_documents=FLAGS.bad_documents, text_normalization=FLAGS.text_normalization,
+            teacher_cache=FLAGS.teacher_cache)
   job_names = {f.name for f in dataclasses.fields(job_cls)}
   kw.update({k: v for k, v in preset_overrides().items() if k in job_names})
   if kw["teacher_samples"] and "teacher" in dict(extra_heldout):

@@ -46,7 +46,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alm.data import teacher_cache as teacher_cache_lib
 from alm.eval.bpb import sequence_bits
+from alm.losses import chunks as chunks_lib
 from alm.losses import gradmag as gradmag_lib
 from alm.losses.reduce import LossSum
 from alm.models import sharding as sharding_lib
@@ -58,6 +60,36 @@ from alm.training.students import DistillationModel
 BATCH_KEYS = tuple(f"{side}_{f}" for side in ("teacher", "student")
                    for f in ("ids", "chunk_ids", "loss_mask", "segment_ids", "positions",
                              "num_bytes", "text_continues"))
+# What a teacher cache (alm.data.teacher_cache, SPEC §15) adds to a batch, and what of
+# the teacher's output it stands for (a term's `teacher_reads`).
+CACHE_KEYS = teacher_cache_lib.CACHE_KEYS
+CACHE_PROVIDES = frozenset({"token_logprobs"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTeacher:
+  """The teacher's output as a teacher cache gives it: token log-probs only.
+
+  Attributes:
+    token_logprobs: the path and boundary log-probs of the teacher on its ids.
+  """
+
+  token_logprobs: chunks_lib.TokenLogProbs
+  logits: None = None
+  hidden_states: None = None
+
+
+def teacher_token_logprobs(teacher, batch: dict[str, jax.Array], boundary_mask: jax.Array,
+                           block_rows: int = chunks_lib.DEFAULT_BLOCK_ROWS
+                           ) -> chunks_lib.TokenLogProbs:
+  """What a teacher cache stores for a batch: the teacher's path and boundary log-probs.
+
+  The same forward and vocabulary pass as the ALM term runs on the live
+  teacher (`alm.losses.alm.aligned_chunk_logprobs`).
+  """
+  out = teacher(batch["teacher_ids"], **side_inputs(batch, "teacher"))
+  return chunks_lib.token_logprobs(out.logits, batch["teacher_ids"], boundary_mask,
+                                   block_rows=block_rows)
 
 
 def side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
@@ -102,6 +134,23 @@ class Objective:
     return {t.name: dict(t.consts(ctx)) for t in self.terms}
 
 
+def check_cacheable(cfg: TrainConfig) -> None:
+  """Raises TeacherCacheError when a term of `cfg` needs more than a teacher cache holds."""
+  weighted = terms_lib.objective_terms(cfg.objective)
+  live = terms_lib.needs_live_teacher(weighted, CACHE_PROVIDES)
+  if live:
+    raise teacher_cache_lib.TeacherCacheError(
+        f"The term(s) {live} of method {cfg.objective.method!r}"
+        + (f" + add_terms {cfg.objective.add_terms!r}" if cfg.objective.add_terms else "")
+        + " read the teacher's full distribution or hidden states, which a teacher cache does "
+        "not hold (it holds the path and boundary log-probs that ALM reads). Run them with the "
+        "live teacher (leave out --teacher_cache).")
+  if not terms_lib.needs_teacher(weighted):
+    raise teacher_cache_lib.TeacherCacheError(
+        f"Method {cfg.objective.method!r} does not read the teacher; a teacher cache has "
+        "nothing to give it (leave out --teacher_cache).")
+
+
 def make_consts(model: DistillationModel, cfg: TrainConfig, teacher_tok, student_tok
                 ) -> dict[str, dict[str, np.ndarray]]:
   """The per-run constant inputs of the step: {term name: {key: array}}.
@@ -137,7 +186,10 @@ def compute_losses(model: DistillationModel, batch: dict[str, jax.Array],
   s_out = model.student(batch["student_ids"], **side_inputs(batch, "student"),
                         hidden_layers=s_layers)
   t_out = None
-  if objective.needs_teacher:
+  if objective.needs_teacher and CACHE_KEYS[0] in batch:  # a teacher cache's batch
+    t_out = CachedTeacher(chunks_lib.TokenLogProbs(path=batch[CACHE_KEYS[0]],
+                                                   boundary=batch[CACHE_KEYS[1]]))
+  elif objective.needs_teacher:
     t_out = model.teacher(batch["teacher_ids"], **side_inputs(batch, "teacher"),
                           hidden_layers=t_layers)
   heads = model.heads
@@ -212,13 +264,22 @@ class Stepper:
     consts: `make_consts(model, cfg, teacher_tok, student_tok)`.
     tx: the optax optimizer.
     mesh: a (data, fsdp, tensor) mesh, or None for a single device.
+    teacher_cache: batches come from a teacher cache (they carry
+      `CACHE_KEYS`): the teacher never runs in the step.
+
+  Raises:
+    TeacherCacheError: `teacher_cache` with a term that needs more of the
+      teacher than a cache holds (names the terms).
   """
 
   def __init__(self, model: DistillationModel, cfg: TrainConfig,
                consts: dict[str, dict[str, np.ndarray]], tx: optax.GradientTransformation,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, *, teacher_cache: bool = False):
     self.cfg, self.tx = cfg, tx
     self.objective = obj = Objective(cfg)
+    self.teacher_cache = teacher_cache
+    if teacher_cache:
+      check_cacheable(cfg)
     ctx = students_lib.build_context(model.teacher.transformer, model.student.transformer,
                                      None, None, cfg)
     for term in obj.terms:
@@ -337,7 +398,13 @@ class Stepper:
     global batch (`batch_size / process_count` rows, its own data shard), and
     the global arrays are assembled with `jax.make_array_from_process_local_data`.
     """
-    micro = _micro_split({k: np.asarray(batch[k]) for k in BATCH_KEYS}, self.cfg.shapes.grad_accum)
+    keys = BATCH_KEYS + (CACHE_KEYS if self.teacher_cache else ())
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise ValueError(f"The batch lacks {missing}" + (
+          " (teacher_cache=True: batches come from alm.data.teacher_cache)"
+          if self.teacher_cache else "") + ".")
+    micro = _micro_split({k: np.asarray(batch[k]) for k in keys}, self.cfg.shapes.grad_accum)
     data = sharding_lib.batch_sharding(self.mesh, 2)
     spec = PartitionSpec(None, *data.spec)
     out = {}

@@ -83,10 +83,15 @@ class Term:
   Attributes:
     name: the term's name (the metric is `loss_<name>`).
     needs_teacher: whether the term reads the teacher's forward.
+    teacher_reads: what it reads of the teacher's output: "logits" (the full
+      distribution), "token_logprobs" (only the path and boundary log-probs of
+      `alm.losses.chunks.token_logprobs`, which a teacher cache provides, SPEC
+      §15), "hidden" (hidden states).
   """
 
   name: str = ""
   needs_teacher: bool = True
+  teacher_reads: frozenset[str] = frozenset({"logits"})
 
   @classmethod
   def from_config(cls, objective: ObjectiveConfig) -> "Term":
@@ -225,6 +230,11 @@ def data_constraint(terms: list[tuple[Term, float]]) -> str:
 def check_objective(objective: ObjectiveConfig) -> None:
   """Raises `TrainConfigError` when the objective cannot be built (used by the config)."""
   data_constraint(objective_terms(objective))
+
+
+def needs_live_teacher(terms: list[tuple[Term, float]], provided: frozenset[str]) -> list[str]:
+  """The terms that read more of the teacher than `provided` (e.g. a teacher cache's)."""
+  return [t.name for t, _ in terms if t.needs_teacher and not t.teacher_reads <= provided]
 
 
 def needs_teacher(terms: list[tuple[Term, float]]) -> bool:

@@ -146,7 +146,9 @@ class Trainer:
     student_tok: the student tokenizer.
     cfg: the training config.
     train_data: an `alm.data.pipeline.Pipeline` (iterator with `state()` /
-      `restore()`) of training batches of `cfg.shapes.batch_size` rows.
+      `restore()`) of training batches of `cfg.shapes.batch_size` rows, or a
+      teacher cache's batches (`alm.data.teacher_cache.CacheBatches`: the
+      step then reads the teacher's outputs from them, SPEC §15).
     eval_batches: fixed held-out batches (same feature layout).
     extra_eval: more held-out sets, {label: batches}, evaluated like
       `eval_batches` and reported under `<key>@<label>` (e.g. text of another
@@ -184,7 +186,10 @@ class Trainer:
           + (" and align_fn=alm.training.transfer.bias_tables_align_fn(tables, gamma)"
              if want == "unbiased" else "") + ".")
     consts = step_lib.make_consts(model, cfg, teacher_tok, student_tok)
-    self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh)
+    # Batches of a teacher cache (alm.data.teacher_cache) carry the teacher's outputs.
+    self.stepper = step_lib.Stepper(model, cfg, consts, make_optimizer(cfg), self.mesh,
+                                    teacher_cache=bool(getattr(train_data, "teacher_cache",
+                                                               False)))
     self.schedule = learning_rate_schedule(cfg)
     self.eval_batches = [self._put_eval(b) for b in eval_batches]
     self.extra_eval = {k: [self._put_eval(b) for b in v] for k, v in (extra_eval or {}).items()}

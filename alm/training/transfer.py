@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,6 +82,10 @@ class TransferJob:
       model loads).
     text_normalization: "auto" (NFC when either tokenizer NFC-normalizes),
       "nfc" or "none"; see `alm.data.pipeline.PipelineConfig`.
+    teacher_cache: a teacher cache directory (`build_teacher_cache`,
+      `python -m experiments.cache_teacher`): training reads its rows and the
+      teacher's outputs instead of running the data pipeline and the teacher
+      in the step ("" : the live teacher).
   """
 
   model: str = "smollm2-135m-instruct"
@@ -101,6 +106,7 @@ class TransferJob:
   text_field: str = "text"
   bad_documents: str = "skip"
   text_normalization: str = "auto"
+  teacher_cache: str = ""
 
   def __post_init__(self):
     # pylint: disable=import-outside-toplevel
@@ -431,19 +437,20 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     extra_specs[TEACHER_LABEL] = str(path)
     extra_srcs[TEACHER_LABEL] = open_source(str(path))
     logging.info("Teacher-sampled held-out set: %s", path)
-  # The normalization changes the text of some documents, so a resume must use the same.
-  fingerprint = {"model": job.model, "target_tokenizer": _student_spec(job),
-                 "data": job.data, "pack": job.pack,
-                 "text_normalization": resolve_text_normalization(job.text_normalization,
-                                                                  teacher_tok, student_tok)}
-  if job.text_field != "text":
-    fingerprint["text_field"] = job.text_field
-  align_fn = None
-  if needs_bias_tables:
-    tables = load_bias_tables(job, teacher_tok, student_tok)
-    align_fn = bias_tables_align_fn(tables, cfg.objective.gamma)
-    fingerprint["bias_tables"] = _tables_digest(tables)
-    logging.info("Bias tables: %d pairs from %s", len(tables.keys), job.bias_tables)
+  fingerprint, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
+  cache = None
+  if job.teacher_cache:
+    from alm.data.teacher_cache import TeacherCache
+    from alm.training.step import check_cacheable
+    check_cacheable(cfg)
+    # Checked before the student is built: the teacher's weights are still untouched.
+    cache = TeacherCache(job.teacher_cache,
+                         teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok,
+                                                   fingerprint),
+                         build_command=cache_build_command(job, cfg, job.teacher_cache),
+                         process_index=jax.process_index())
+    fingerprint["teacher_cache"] = cache.manifest["digest"]
+    logging.info("Teacher cache: %s (%d rows)", job.teacher_cache, len(cache))
   if separate:
     fingerprint["student_model"] = job.student_model
     model = build_distill_model(teacher, teacher_tok, student, student_tok, cfg)
@@ -459,8 +466,11 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
     logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer,
                  time.time() - t0)
-  train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job),
-                   align_fn=align_fn)
+  if cache is not None:  # rows and the teacher's outputs from the cache, in the pipeline's order
+    train = cache.batches(_pipeline_config(cfg, job).batch_size, steps=cfg.optimizer.steps)
+  else:
+    train = Pipeline(train_src, teacher_tok, student_tok, _pipeline_config(cfg, job),
+                     align_fn=align_fn)
   skipped_heldout = {}
 
   def heldout_batches(src, n, suffix):
@@ -506,6 +516,193 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     logging.info("Exported the student to %s", d)
   summary["total_wall_s"] = time.time() - t0
   return summary
+
+
+def _data_fingerprint(job: TransferJob, cfg: TrainConfig, teacher_tok, student_tok):
+  """(what a resumed run's data must match, the alignment function) of a job."""
+  from alm.data.pipeline import resolve_text_normalization  # pylint: disable=import-outside-toplevel
+  from alm.training.step import Objective  # pylint: disable=import-outside-toplevel
+  # The normalization changes the text of some documents, so a resume must use the same.
+  fingerprint = {"model": job.model, "target_tokenizer": _student_spec(job),
+                 "data": job.data, "pack": job.pack,
+                 "text_normalization": resolve_text_normalization(job.text_normalization,
+                                                                  teacher_tok, student_tok)}
+  if job.text_field != "text":
+    fingerprint["text_field"] = job.text_field
+  align_fn = None
+  if Objective(cfg).needs_bias_tables:
+    tables = load_bias_tables(job, teacher_tok, student_tok)
+    align_fn = bias_tables_align_fn(tables, cfg.objective.gamma)
+    fingerprint["bias_tables"] = _tables_digest(tables)
+    logging.info("Bias tables: %d pairs from %s", len(tables.keys), job.bias_tables)
+  return fingerprint, align_fn
+
+
+def _files_digest(spec: str, text_field: str) -> Any:
+  """Names, sizes and the first MiB's sha256 of a data spec's files (the spec if none)."""
+  from alm.data.sources import open_source  # pylint: disable=import-outside-toplevel
+  src = open_source(spec, text_field=text_field)
+  paths = getattr(src, "paths", None)
+  if not paths:
+    return {"spec": spec, "documents": len(src)}
+  out = []
+  for p in paths:
+    p = Path(p)
+    with open(p, "rb") as f:
+      head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    out.append([p.name, p.stat().st_size, head])
+  return {"spec": spec, "documents": len(src), "files": out}
+
+
+def teacher_cache_fingerprint(job: TransferJob, cfg: TrainConfig, teacher, teacher_tok,
+                              student_tok, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """Everything a teacher cache of this job depends on (SPEC §15).
+
+  The teacher (name and a hash of its weights), both vocabularies, the data
+  (spec, files), the pipeline's options (lengths, batch size, seed, packing,
+  chunk constraint, normalization, ...), the bias tables, the compute dtype
+  and the vocabulary pass's block size.
+  """
+  # pylint: disable=import-outside-toplevel
+  from alm.data.teacher_cache import FORMAT_VERSION, weights_digest
+  from alm.losses.chunks import DEFAULT_BLOCK_ROWS
+  from alm.training.students import hash_vocab
+  pc = dataclasses.asdict(_pipeline_config(cfg, job))
+  pc.pop("num_workers", None)  # the rows do not depend on it
+
+  def vocab(tok):
+    h = hashlib.sha256()
+    hash_vocab(h, tok)
+    return h.hexdigest()[:20]
+
+  return {"version": FORMAT_VERSION, "teacher": job.model, "teacher_weights": weights_digest(teacher),
+          "teacher_vocab": vocab(teacher_tok), "student": _student_spec(job),
+          "student_vocab": vocab(student_tok), "data": data_fingerprint,
+          "data_files": _files_digest(job.data, job.text_field), "pipeline": pc,
+          "dtype": cfg.shapes.dtype, "teacher_param_dtype": cfg.shapes.teacher_param_dtype,
+          "block_rows": DEFAULT_BLOCK_ROWS}
+
+
+def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> str:
+  """The `experiments.cache_teacher` command that builds the cache this job reads."""
+  import shlex  # pylint: disable=import-outside-toplevel
+  a = [f"--model={job.model}"]
+  a.append(f"--student_model={job.student_model}" if job.student_model
+           else f"--target_tokenizer={job.target_tokenizer}")
+  a += [f"--data={job.data}", f"--teacher_len={cfg.shapes.teacher_len}",
+        f"--student_len={cfg.shapes.student_len}", f"--batch_size={cfg.shapes.batch_size}",
+        f"--seed={cfg.seed}", f"--steps={cfg.optimizer.steps}",
+        f"--constraint={cfg.objective.constraint}", f"--dtype={cfg.shapes.dtype}"]
+  if cfg.shapes.teacher_param_dtype != "float32":
+    a.append(f"--teacher_param_dtype={cfg.shapes.teacher_param_dtype}")
+  if job.pack:
+    a.append("--pack")
+  if job.text_field != "text":
+    a.append(f"--text_field={job.text_field}")
+  if job.text_normalization != "auto":
+    a.append(f"--text_normalization={job.text_normalization}")
+  if job.bad_documents != "skip":
+    a.append(f"--bad_documents={job.bad_documents}")
+  if job.bias_tables:
+    a.append(f"--bias_tables={job.bias_tables}")
+  a.append(f"--out_dir={directory}")
+  return "python -m experiments.cache_teacher " + " ".join(shlex.quote(x) for x in a)
+
+
+def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
+                        command: str | None = None, rows_per_shard: int | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+  """Writes the teacher cache of a job: `cfg.optimizer.steps` batches of aligned rows
+  with the teacher's path and boundary log-probs (`alm.data.teacher_cache`).
+
+  Resumable: an interrupted build continues after its last complete shard
+  (the rows before it are re-read from the data pipeline, not recomputed).
+
+  Args:
+    job: model, target tokenizer (or student model) and data, as for `run_transfer`.
+    cfg: the training config of the run that will read the cache (lengths,
+      batch size, seed, steps, chunk constraint, dtype).
+    out_dir: the cache directory.
+    command: the command line (recorded in the manifest).
+    rows_per_shard: rows per shard (default: 64 batches).
+    progress: show a progress bar.
+
+  Returns:
+    The manifest (rows, shards, fingerprint, stats: seconds, tokens/s, bytes).
+
+  Raises:
+    TeacherCacheError: `out_dir` holds another run's cache.
+  """
+  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+  from alm.data.pipeline import Pipeline
+  from alm.data.sources import open_source
+  from alm.data.teacher_cache import CacheWriter, CACHE_KEYS, split_rows, log_manifest
+  from alm.models.loading import load_model
+  from alm.tokenization.loading import load_tokenizer
+  from alm.tokenization.vocab import shared_boundary_bytes
+  from alm.training.step import BATCH_KEYS, teacher_token_logprobs
+  from alm.training.students import DTYPES
+  from tqdm.auto import tqdm
+
+  t0 = time.time()
+  separate = bool(job.student_model)
+  if not separate and job.target_tokenizer == "bytes":
+    from alm.bytes.model import byte_tokenizer_for
+    student_tok = byte_tokenizer_for(load_tokenizer(job.model))
+  else:
+    student_tok = load_tokenizer(_student_spec(job))
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.shapes.dtype]
+  teacher, teacher_tok = load_model(
+      job.model, dtype=dtype,
+      param_dtype=DTYPES[cfg.shapes.teacher_param_dtype] if separate else jnp.float32)
+  data_fp, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
+  fp = teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok, data_fp)
+  pcfg = _pipeline_config(cfg, job)
+  b, steps = pcfg.batch_size, cfg.optimizer.steps
+  writer = CacheWriter(out_dir, fp, rows_per_shard=rows_per_shard or 64 * b,
+                       command=command or cache_build_command(job, cfg, out_dir),
+                       process_index=jax.process_index())
+  if writer.complete:
+    logging.info("The teacher cache at %s is complete already.", out_dir)
+    return writer.manifest
+  if writer.rows_done % b:
+    raise ValueError(f"{out_dir}: {writer.rows_done} rows done is not a whole number of "
+                     f"batches of {b}; delete it and build again.")
+  # The boundary log-probs with the shared boundary bytes of the pair: the mask of every
+  # run that reads them (debiasing, "boundary_prob").
+  mask = jnp.asarray(teacher_tok.boundary_token_mask(shared_boundary_bytes(teacher_tok,
+                                                                           student_tok)))
+  fn = nnx.jit(teacher_token_logprobs)
+  pipe = Pipeline(open_source(job.data, text_field=job.text_field), teacher_tok, student_tok,
+                  pcfg, align_fn=align_fn)
+  done = writer.rows_done // b
+  tokens = 0
+  t1 = time.time()
+  bar = tqdm(total=steps, initial=done, desc="teacher cache", unit="batch", disable=not progress)
+  try:
+    for k in range(steps):
+      batch = next(pipe)
+      if k < done:  # a resumed build: these rows are in the cache already
+        continue
+      arrays = {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
+      lp = fn(teacher, arrays, mask)
+      rows = {key: batch[key] for key in BATCH_KEYS}
+      rows[CACHE_KEYS[0]] = np.asarray(lp.path, np.float32)
+      rows[CACHE_KEYS[1]] = np.asarray(lp.boundary, np.float32)
+      writer.add(split_rows(rows))
+      tokens += int((batch["teacher_segment_ids"] > 0).sum())
+      bar.update(1)
+      bar.set_postfix(tok_s=f"{tokens / max(time.time() - t1, 1e-9):.0f}")
+  finally:
+    bar.close()
+    pipe.close()
+  secs = time.time() - t1
+  m = writer.finish({"skipped_documents": pipe.num_skipped, "build_s": round(secs, 2),
+                     "teacher_tokens": tokens, "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+                     "total_s": round(time.time() - t0, 2)})
+  log_manifest(m)
+  return m
 
 
 def format_summary(summary: dict[str, Any]) -> str:

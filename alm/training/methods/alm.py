@@ -26,6 +26,7 @@ class ALMTerm(Term):
   """
 
   name = "alm"
+  teacher_reads = frozenset({"token_logprobs"})  # a teacher cache has all it needs
 
   def __init__(self, cfg: alm_loss_lib.ALMConfig, data: str = "unconstrained"):
     self.cfg, self.data = cfg, data
@@ -58,10 +59,12 @@ class ALMTerm(Term):
     b, c = fwd.batch, fwd.consts
 
     def side(name, out):
+      # A cached teacher (alm.training.step.CachedTeacher) has token log-probs, no logits.
       return alm_loss_lib.Side(
           logits=out.logits, ids=b[f"{name}_ids"], chunk_ids=b[f"{name}_chunk_ids"],
           loss_mask=b[f"{name}_loss_mask"], boundary_mask=c[f"{name}_boundary"],
-          segment_ids=b[f"{name}_segment_ids"], text_continues=b[f"{name}_text_continues"])
+          segment_ids=b[f"{name}_segment_ids"], text_continues=b[f"{name}_text_continues"],
+          token_logprobs=getattr(out, "token_logprobs", None))
 
     return alm_loss_lib.alm_loss(side("teacher", fwd.teacher), side("student", fwd.student),
                                  self.cfg)

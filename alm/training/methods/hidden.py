@@ -24,6 +24,7 @@ class HiddenTerm(Term):
   """
 
   name = "hidden"
+  teacher_reads = frozenset({"hidden"})
 
   def __init__(self, pairs: tuple[tuple[int, int], ...] = ((-1, -1),)):
     self.pairs = tuple(pairs)

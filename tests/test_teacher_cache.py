@@ -1,0 +1,189 @@
+"""The teacher cache (SPEC §15): format, checks, and training from it equals the live teacher."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alm.data import teacher_cache as tc
+from alm.data.pipeline import Pipeline, PipelineConfig
+from alm.tokenization.vocab import shared_boundary_bytes
+from alm.training.config import TrainConfig
+from alm.training.optim import make_optimizer
+from alm.training.step import (BATCH_KEYS, CACHE_KEYS, Stepper, check_cacheable, make_consts,
+                               teacher_token_logprobs)
+from alm.training.students import build_transfer_model
+from tests import training_utils as tu
+
+
+def _rows(n, t=6, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"teacher_ids": rng.integers(0, 50, t).astype(np.int32),
+           "teacher_loss_mask": rng.random(t) < 0.5,
+           CACHE_KEYS[0]: rng.standard_normal(t).astype(np.float32)} for _ in range(n)]
+
+
+def test_rows_round_trip():
+  for row in _rows(3):
+    back = tc.decode_row(tc.encode_row(row))
+    assert set(back) == set(row)
+    for k in row:
+      assert back[k].dtype == row[k].dtype
+      np.testing.assert_array_equal(back[k], row[k])
+
+
+def _write(path, rows, fp=None, per_shard=4):
+  w = tc.CacheWriter(path, fp or {"run": 1}, rows_per_shard=per_shard, command="BUILD-IT")
+  w.add(rows)
+  return w.finish({"skipped_documents": 2})
+
+
+def test_cache_batches_in_order_with_state(tmp_path):
+  rows = _rows(10)
+  m = _write(tmp_path / "c", rows)
+  assert m["rows"] == 10 and len(m["shards"]) == 3 and m["complete"]
+  cache = tc.TeacherCache(tmp_path / "c", {"run": 1})
+  it = cache.batches(3, steps=3)
+  assert it.num_skipped == 2 and it.teacher_cache
+  first = next(it)
+  np.testing.assert_array_equal(first["teacher_ids"], np.stack([r["teacher_ids"]
+                                                                for r in rows[:3]]))
+  state = it.state()
+  second = next(it)
+  again = cache.batches(3)
+  again.restore(json.loads(json.dumps(state)))
+  np.testing.assert_array_equal(next(again)[CACHE_KEYS[0]], second[CACHE_KEYS[0]])
+  next(it)
+  with pytest.raises(tc.TeacherCacheError, match="ran out after 9 rows"):
+    next(it)
+  with pytest.raises(tc.TeacherCacheError, match=r"holds 10 rows = 3 steps of batch 3; this "
+                     r"run needs 4\. Build a larger cache \(--steps=4\)"):
+    cache.batches(3, steps=4)
+
+
+def test_bad_caches_are_refused_with_the_fix(tmp_path):
+  d = tmp_path / "c"
+  with pytest.raises(tc.TeacherCacheError, match="No teacher cache at .*Build it with: CMD"):
+    tc.TeacherCache(d, {"run": 1}, build_command="CMD")
+  # Unfinished: a build that stopped after its first shard.
+  w = tc.CacheWriter(d, {"run": 1}, rows_per_shard=4, command="BUILD-IT")
+  w.add(_rows(6))
+  with pytest.raises(tc.TeacherCacheError, match="unfinished .4 rows so far.*BUILD-IT"):
+    tc.TeacherCache(d, {"run": 1})
+  # Resumed by a writer of the same run; refused for another run's fingerprint.
+  with pytest.raises(tc.TeacherCacheError, match=r"another run \(run: cache 1 vs run 2\)"):
+    tc.CacheWriter(d, {"run": 2})
+  w2 = tc.CacheWriter(d, {"run": 1}, rows_per_shard=4)
+  assert w2.rows_done == 4 and not w2.complete
+  w2.add(_rows(6)[4:])
+  w2.finish()
+  assert len(tc.TeacherCache(d, {"run": 1})) == 6
+  # Another run.
+  with pytest.raises(tc.TeacherCacheError, match=r"built for another run: model: cache 'a' "
+                     r"vs run 'b'.*Build it with: CMD"):
+    _write(tmp_path / "o", _rows(2), fp={"model": "a"})
+    tc.TeacherCache(tmp_path / "o", {"model": "b"}, build_command="CMD")
+  # A corrupt shard (same size), a truncated one, a missing one.
+  shard = d / json.loads((d / "cache.json").read_text())["shards"][0]["file"]
+  raw = bytearray(shard.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  shard.write_bytes(bytes(raw))
+  with pytest.raises(tc.TeacherCacheError, match="is corrupt"):
+    tc.TeacherCache(d, {"run": 1})
+  shard.write_bytes(bytes(raw[:-100]))
+  with pytest.raises(tc.TeacherCacheError, match="is truncated"):
+    tc.TeacherCache(d, {"run": 1})
+  shard.unlink()
+  with pytest.raises(tc.TeacherCacheError, match="is missing"):
+    tc.TeacherCache(d, {"run": 1})
+
+
+@pytest.mark.parametrize("method,add_terms,constraint", [
+    ("alm", "", "boundary_prob"),          # the boundary log-probs decide the chunks
+    ("alm+sft", "alm_space=1", "unconstrained"),  # debiased, two chunkings, an NTP term
+])
+def test_training_from_the_cache_equals_the_live_teacher(tmp_path, method, add_terms,
+                                                         constraint):
+  corpus = tu.write_corpus(tmp_path)
+  tt, st = tu.teacher_tokenizer(), tu.student_tokenizer()
+  cfg = TrainConfig.build(**{"method": method, "add_terms": add_terms,
+                               "constraint": constraint, "batch_size": 2, "teacher_len": 24,
+                               "student_len": 48, "lora_rank": 4, "learning_rate": 1e-2,
+                               "warmup_steps": 0, "steps": 3})
+  pipe = Pipeline(str(corpus), tt, st, PipelineConfig(batch_size=2, teacher_len=24,
+                                                      student_len=48, seed=0))
+  batches = [next(pipe) for _ in range(3)]
+  # The cache: the teacher's log-probs through the file format.
+  teacher = tu.teacher_model(0)
+  mask = jnp.asarray(tt.boundary_token_mask(shared_boundary_bytes(tt, st)))
+  fn = nnx.jit(teacher_token_logprobs)
+  w = tc.CacheWriter(tmp_path / "cache", {"test": 1}, rows_per_shard=3)
+  for b in batches:
+    lp = fn(teacher, {k: jnp.asarray(b[k]) for k in BATCH_KEYS}, mask)
+    w.add(tc.split_rows({**{k: b[k] for k in BATCH_KEYS}, CACHE_KEYS[0]: np.asarray(lp.path),
+                         CACHE_KEYS[1]: np.asarray(lp.boundary)}))
+  w.finish()
+  it = tc.TeacherCache(tmp_path / "cache", {"test": 1}).batches(2, steps=3)
+  cached = [next(it) for _ in range(3)]
+
+  def train(data, cache):
+    model = build_transfer_model(tu.teacher_model(0), tt, st, cfg)
+    s = Stepper(model, cfg, make_consts(model, cfg, tt, st), make_optimizer(cfg),
+                teacher_cache=cache)
+    losses = [float(s.step(b)["loss"]) for b in data]
+    return losses, jax.tree.leaves(s.state.trainable)
+
+  live_losses, live = train(batches, False)
+  cache_losses, from_cache = train(cached, True)
+  # Bit-identical (measured on CPU): the cache stores what the step's vocabulary pass
+  # computes from the live teacher's logits, by the same function.
+  assert cache_losses == live_losses
+  worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+              for a, b in zip(live, from_cache))
+  assert worst == 0.0, worst
+  assert live_losses[0] != live_losses[-1]  # it trained
+
+
+def test_methods_that_need_the_teacher_distribution_are_refused():
+  for flat, what in ((dict(method="dskd"), "dskd"), (dict(method="alm", add_terms="hidden=1"),
+                                                      "hidden"),
+                     (dict(method="sft"), "does not read the teacher")):
+    with pytest.raises(tc.TeacherCacheError, match=what):
+      check_cacheable(TrainConfig.build(**flat))
+  check_cacheable(TrainConfig.build(**dict(method="alm+sft", add_terms="alm_space=1")))
+
+
+def test_real_transfer_trains_from_a_cache(tmp_path):
+  # SmolLM2-135M -> Qwen3, ALM, 2 steps from a cache built for the run (the parity with
+  # the live teacher is test_training_from_the_cache_equals_the_live_teacher's).
+  # pylint: disable=import-outside-toplevel
+  from alm.training.trainer import RunOptions
+  from alm.training.transfer import TransferJob, build_teacher_cache, run_transfer
+  cfg = TrainConfig.build(method="alm", steps=2, batch_size=2, teacher_len=32, student_len=32,
+                          learning_rate=1e-3, warmup_steps=1, lora_rank=4, lora_alpha=4.0)
+  job = TransferJob(eval_batches=1, eval_batch_size=2, export_dir="",
+                    teacher_cache=str(tmp_path / "cache"))
+  m = build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False)
+  assert m["rows"] == 4 and m["complete"] and m["stats"]["teacher_tokens"] > 0
+  assert build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False) == m  # done
+
+  def opts(name):
+    return RunOptions(out_dir=str(tmp_path / name), checkpoint_dir="", progress=False,
+                      tensorboard=False)
+
+  s = run_transfer(job, cfg, opts("cached"))
+  recs = [json.loads(l) for l in open(tmp_path / "cached" / "metrics.jsonl")]
+  losses = [r["loss"] for r in recs if r["kind"] == "train"]
+  assert len(losses) == 2 and all(np.isfinite(losses)) and s["steps"] == 2
+  # A run that differs from the cache's (another seed) is refused, with the command.
+  with pytest.raises(tc.TeacherCacheError, match=r"pipeline\.seed: cache 0 vs run 1.*"
+                     r"python -m experiments\.cache_teacher .*--seed=1"):
+    run_transfer(job, cfg.replace(seed=1), opts("other"))
+  # ... and so is a longer run than the cache holds.
+  with pytest.raises(tc.TeacherCacheError, match=r"this run needs 3.*--steps=3"):
+    run_transfer(job, cfg.replace(steps=3), opts("longer"))
