@@ -20,7 +20,10 @@ loss, SFT only the student's next-token loss. Reported per method:
 and the ALM / SFT ratios (the paper reports +25% compute, +5% memory).
 `--num_layers=N` keeps only the first N blocks of each model (quicker to compile).
 `--methods=sft,alm,dskd,mined,uld` adds the baselines (each reported over SFT
-too; MinED computes or reads its cached vocabulary map first).
+too; MinED computes or reads its cached vocabulary map first);
+`--methods=sft,alm@cache,alm` measures ALM from a teacher cache (the teacher's
+path and boundary log-probs read with the batch, SPEC §15) against SFT and
+against ALM with the live teacher.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from flax import nnx
 
 from benchmarks.steps import keep_layers, step_memory
 from alm.data.pipeline import Pipeline, PipelineConfig
@@ -40,7 +45,9 @@ from alm.tokenization.loading import load_tokenizer
 from alm.training.config import TrainConfig
 from alm.training.optim import make_optimizer
 from alm.training.students import build_distill_model, build_transfer_model
-from alm.training.step import Stepper, make_consts
+from alm.tokenization.vocab import shared_boundary_bytes
+from alm.training.step import (BATCH_KEYS, CACHE_KEYS, Stepper, make_consts,
+                               teacher_token_logprobs)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
@@ -65,8 +72,16 @@ def _load(name: str, param_dtype=jnp.float32):
   return model, tok
 
 
-def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
-  """Compiles and times one method's step; returns its numbers."""
+def bench(name: str, batch: dict, teacher_tok, student_tok) -> dict:
+  """Compiles and times one method's step; returns its numbers.
+
+  `name` is a method, or `METHOD@cache`: the step reads the teacher's outputs from
+  the batch as a teacher cache gives them (alm.data.teacher_cache) and never runs
+  the teacher.
+  """
+  method, _, variant = name.partition("@")
+  if variant not in ("", "cache"):
+    raise app.UsageError(f"--methods: {name!r}: write METHOD or METHOD@cache.")
   rank = FLAGS.lora_rank
   cfg = TrainConfig.build(method=method, steps=100, batch_size=FLAGS.batch_size,
                           teacher_len=FLAGS.length, student_len=FLAGS.length, lora_rank=rank,
@@ -81,7 +96,13 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
   else:
     model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
   consts = make_consts(model, cfg, teacher_tok, student_tok)
-  s = Stepper(model, cfg, consts, make_optimizer(cfg))
+  if variant == "cache":
+    mask = jnp.asarray(teacher_tok.boundary_token_mask(shared_boundary_bytes(teacher_tok,
+                                                                             student_tok)))
+    lp = nnx.jit(teacher_token_logprobs)(teacher, {k: jnp.asarray(batch[k])
+                                                   for k in BATCH_KEYS}, mask)
+    batch = {**batch, CACHE_KEYS[0]: np.asarray(lp.path), CACHE_KEYS[1]: np.asarray(lp.boundary)}
+  s = Stepper(model, cfg, consts, make_optimizer(cfg), teacher_cache=variant == "cache")
   t0 = time.time()
   compiled = s.compile(batch)
   compile_s = time.time() - t0
@@ -98,7 +119,7 @@ def bench(method: str, batch: dict, teacher_tok, student_tok) -> dict:
       cpu.append(time.process_time() - c)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"method": method, "compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "step_wall_s": statistics.median(wall),
+  return {"method": name, "compile_s": compile_s, "flops": float(cost.get("flops", 0.0)), "step_wall_s": statistics.median(wall),
           "step_cpu_s": statistics.median(cpu), "loss": float(metrics["loss"]),
           **step_memory(compiled)}
 
