@@ -46,8 +46,7 @@ from alm.training.config import TrainConfig
 from alm.training.optim import make_optimizer
 from alm.training.students import build_distill_model, build_transfer_model
 from alm.tokenization.vocab import shared_boundary_bytes
-from alm.training.step import (BATCH_KEYS, CACHE_KEYS, Stepper, make_consts,
-                               teacher_token_logprobs)
+from alm.training.step import BATCH_KEYS, Stepper, make_consts, teacher_cache_arrays
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
@@ -99,9 +98,9 @@ def bench(name: str, batch: dict, teacher_tok, student_tok) -> dict:
   if variant == "cache":
     mask = jnp.asarray(teacher_tok.boundary_token_mask(shared_boundary_bytes(teacher_tok,
                                                                              student_tok)))
-    lp = nnx.jit(teacher_token_logprobs)(teacher, {k: jnp.asarray(batch[k])
-                                                   for k in BATCH_KEYS}, mask)
-    batch = {**batch, CACHE_KEYS[0]: np.asarray(lp.path), CACHE_KEYS[1]: np.asarray(lp.boundary)}
+    got = nnx.jit(teacher_cache_arrays)(teacher, {k: jnp.asarray(batch[k])
+                                                  for k in BATCH_KEYS}, mask)
+    batch = {**batch, **{k: np.asarray(v) for k, v in got.items()}}
   s = Stepper(model, cfg, consts, make_optimizer(cfg), teacher_cache=variant == "cache")
   t0 = time.time()
   compiled = s.compile(batch)

@@ -15,13 +15,15 @@ Large-to-small distillation: `--student_model=NAME` instead of
 students: `--target_tokenizer=bytes`.
 
 The training flags that shape the data (lengths, batch size, seed, steps,
-constraint, packing, dtype) must be the training run's: the cache records a
+constraint, packing, dtype; --add_terms and --hidden_layers when the run has
+the hidden-state term, whose teacher hidden states are then cached too, in
+--hidden_dtype) must be the training run's: the cache records a
 fingerprint of them, of the teacher's weights, both vocabularies and the data
 files, and a run with anything different is refused, naming the fields and
 the command that builds its cache. An interrupted build resumes where it
-stopped (run the same command again). Only the ALM terms read a cache (ALM
-with any constraint, alm+sft, alm_space); DSKD, MinED, ULD and the
-hidden-state term need the live teacher.
+stopped (run the same command again). The ALM terms (ALM with any
+constraint, alm+sft, alm_space) and the hidden-state term read a cache; DSKD,
+MinED and ULD read the teacher's whole distribution and need the live teacher.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ flags.DEFINE_string("student_model", "", "A separate student model (large-to-sma
 flags.DEFINE_string("out_dir", "runs/teacher-cache", "The cache directory.")
 flags.DEFINE_integer("rows_per_shard", 0, "Rows per shard file (0: 64 batches).")
 flags.register_validator("rows_per_shard", lambda v: v >= 0, message="must be >= 0")
+flags.DEFINE_enum("hidden_dtype", "bfloat16", ["bfloat16", "float32"], "Storage dtype of the "
+                  "teacher's hidden states, cached when the run's objective has the "
+                  "hidden-state term (--add_terms=hidden=W, --hidden_layers).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 cli.define_data_flags(TransferJob)
 cli.define_train_flags(default_preset="demo")
@@ -72,7 +77,8 @@ def main(argv):
   try:
     check_cacheable(cfg)
     m = build_teacher_cache(job, cfg, FLAGS.out_dir, command=command,
-                            rows_per_shard=FLAGS.rows_per_shard or None, progress=FLAGS.progress)
+                            rows_per_shard=FLAGS.rows_per_shard or None, progress=FLAGS.progress,
+                            hidden_dtype=FLAGS.hidden_dtype)
   except cli.user_errors() as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -56,6 +56,7 @@ FORMAT = "alm-teacher-cache"
 FORMAT_VERSION = 1
 # What a cache row adds to a pipeline row.
 CACHE_KEYS = ("teacher_path_logprobs", "teacher_boundary_logprobs")
+HIDDEN_KEY = "teacher_hidden@{layer}"  # [teacher_len, D] of one teacher layer, when cached
 
 
 class TeacherCacheError(DataError):
@@ -86,22 +87,28 @@ def weights_digest(model) -> str:
 
 
 def encode_row(row: dict[str, np.ndarray]) -> bytes:
-  """One row (a dict of 1-d arrays) as bytes: its key list, then each array's `np.save`."""
+  """One row (a dict of arrays) as bytes: a JSON header [[key, dtype], ...], then each
+  array's `np.save` (bfloat16 travels as its uint16 bits)."""
   buf = io.BytesIO()
   keys = sorted(row)
-  header = json.dumps(keys).encode()
+  arrays = [np.asarray(row[k]) for k in keys]
+  header = json.dumps([[k, a.dtype.name] for k, a in zip(keys, arrays)]).encode()
   buf.write(len(header).to_bytes(4, "little") + header)
-  for k in keys:
-    np.save(buf, np.asarray(row[k]), allow_pickle=False)
+  for a in arrays:
+    np.save(buf, a.view(np.uint16) if a.dtype.name == "bfloat16" else a, allow_pickle=False)
   return buf.getvalue()
 
 
 def decode_row(data: bytes) -> dict[str, np.ndarray]:
   """The inverse of `encode_row`."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO(data)
   n = int.from_bytes(buf.read(4), "little")
-  keys = json.loads(buf.read(n))
-  return {k: np.load(buf, allow_pickle=False) for k in keys}
+  out = {}
+  for k, dtype in json.loads(buf.read(n)):
+    a = np.load(buf, allow_pickle=False)
+    out[k] = a.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else a
+  return out
 
 
 def _sha256(path: Path) -> str:
@@ -222,7 +229,9 @@ class TeacherCache:
   Args:
     directory: the cache directory.
     fingerprint: the run's fingerprint; a cache with another is refused
-      (None: not checked, e.g. to inspect a cache).
+      (None: not checked, e.g. to inspect a cache). Its "hidden" entry
+      (the cached hidden layers) is not compared here: a run checks that the
+      cache has the layers it reads (`hidden_layers`).
     build_command: the command that builds the right cache (quoted in errors).
     verify: check every shard's sha256 now (reads the whole cache once).
     process_index: this process's index.
@@ -253,8 +262,10 @@ class TeacherCache:
           f"build was interrupted. Run its command again to finish it: {m.get('command') or '?'}")
     if fingerprint is not None:
       want = json.loads(json.dumps(fingerprint, default=str))
-      if m.get("digest") != fingerprint_digest(want):
-        diffs = _diff(m.get("fingerprint", {}), want)
+      have = m.get("fingerprint", {})
+      drop = lambda fp: {k: v for k, v in fp.items() if k != "hidden"}
+      if drop(have) != drop(want):
+        diffs = _diff(drop(have), drop(want))
         raise TeacherCacheError(
             f"The teacher cache at {self.dir} was built for another run: "
             f"{'; '.join(diffs[:8]) or 'fingerprints differ'}. Nothing is recomputed silently; "
@@ -278,6 +289,11 @@ class TeacherCache:
     if len(self.source) != self.num_rows:
       raise TeacherCacheError(f"The shards of {self.dir} hold {len(self.source)} rows, the "
                               f"manifest says {self.num_rows}.{fix}")
+
+  @property
+  def hidden_layers(self) -> tuple[int, ...]:
+    """The teacher layers whose hidden states the cache holds."""
+    return tuple(self.manifest["fingerprint"].get("hidden", {}).get("layers", ()))
 
   @property
   def stats(self) -> dict[str, Any]:

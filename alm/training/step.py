@@ -60,42 +60,67 @@ from alm.training.students import DistillationModel
 BATCH_KEYS = tuple(f"{side}_{f}" for side in ("teacher", "student")
                    for f in ("ids", "chunk_ids", "loss_mask", "segment_ids", "positions",
                              "num_bytes", "text_continues"))
-# What a teacher cache (alm.data.teacher_cache, SPEC §15) adds to a batch, and what of
-# the teacher's output it stands for (a term's `teacher_reads`).
-CACHE_KEYS = teacher_cache_lib.CACHE_KEYS
-CACHE_PROVIDES = frozenset({"token_logprobs"})
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedTeacher:
-  """The teacher's output as a teacher cache gives it: token log-probs only.
-
-  Attributes:
-    token_logprobs: the path and boundary log-probs of the teacher on its ids.
-  """
-
-  token_logprobs: chunks_lib.TokenLogProbs
-  logits: None = None
-  hidden_states: None = None
-
-
-def teacher_token_logprobs(teacher, batch: dict[str, jax.Array], boundary_mask: jax.Array,
-                           block_rows: int = chunks_lib.DEFAULT_BLOCK_ROWS
-                           ) -> chunks_lib.TokenLogProbs:
-  """What a teacher cache stores for a batch: the teacher's path and boundary log-probs.
-
-  The same forward and vocabulary pass as the ALM term runs on the live
-  teacher (`alm.losses.alm.aligned_chunk_logprobs`).
-  """
-  out = teacher(batch["teacher_ids"], **side_inputs(batch, "teacher"))
-  return chunks_lib.token_logprobs(out.logits, batch["teacher_ids"], boundary_mask,
-                                   block_rows=block_rows)
-
-
 def side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
   """The attention inputs of one side of a pipeline batch (for a model call)."""
   seg = batch[f"{side}_segment_ids"]
   return dict(attention_mask=seg > 0, segment_ids=seg, positions=batch[f"{side}_positions"])
+
+
+# What a teacher cache (alm.data.teacher_cache, SPEC §15) adds to a batch, and what of
+# the teacher's output it stands for (a term's `teacher_reads`): the path and boundary
+# log-probs always, the hidden states of chosen layers when built with them.
+CACHE_KEYS = teacher_cache_lib.CACHE_KEYS
+HIDDEN_KEY = teacher_cache_lib.HIDDEN_KEY  # "teacher_hidden@{layer}"
+CACHE_PROVIDES = frozenset({"token_logprobs", "hidden"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTeacher:
+  """The teacher's output as a teacher cache gives it (no logits).
+
+  Attributes:
+    token_logprobs: the path and boundary log-probs of the teacher on its ids.
+    hidden_states: {layer: [B, T, D] float32} of the cached layers.
+  """
+
+  token_logprobs: chunks_lib.TokenLogProbs
+  hidden_states: dict[int, jax.Array]
+  logits: None = None
+
+
+def cache_keys(batch) -> tuple[str, ...]:
+  """The teacher-cache arrays present in a batch."""
+  return tuple(k for k in batch if k in CACHE_KEYS or k.startswith(HIDDEN_KEY.format(layer="")))
+
+
+def teacher_cache_arrays(teacher, batch: dict[str, jax.Array], boundary_mask: jax.Array,
+                         hidden_layers: tuple[int, ...] = (), hidden_dtype=jnp.bfloat16,
+                         block_rows: int = chunks_lib.DEFAULT_BLOCK_ROWS) -> dict[str, jax.Array]:
+  """What a teacher cache stores for a batch: {key: [B, T(, D)] array}.
+
+  The teacher's path and boundary log-probs (float32; the same forward and
+  vocabulary pass as the ALM term runs on the live teacher,
+  `alm.losses.alm.aligned_chunk_logprobs`), and the hidden states of
+  `hidden_layers` in `hidden_dtype`.
+  """
+  out = teacher(batch["teacher_ids"], **side_inputs(batch, "teacher"),
+                hidden_layers=tuple(hidden_layers))
+  lp = chunks_lib.token_logprobs(out.logits, batch["teacher_ids"], boundary_mask,
+                                 block_rows=block_rows)
+  arrays = {CACHE_KEYS[0]: lp.path.astype(jnp.float32),
+            CACHE_KEYS[1]: lp.boundary.astype(jnp.float32)}
+  for layer in hidden_layers:
+    arrays[HIDDEN_KEY.format(layer=layer)] = out.hidden_states[layer].astype(hidden_dtype)
+  return arrays
+
+
+def cached_teacher(batch: dict[str, jax.Array]) -> CachedTeacher:
+  """The `CachedTeacher` of a teacher cache's batch."""
+  prefix = HIDDEN_KEY.format(layer="")
+  hidden = {int(k[len(prefix):]): batch[k].astype(jnp.float32) for k in batch
+            if k.startswith(prefix)}
+  return CachedTeacher(chunks_lib.TokenLogProbs(path=batch[CACHE_KEYS[0]],
+                                                boundary=batch[CACHE_KEYS[1]]), hidden)
 
 
 class Objective:
@@ -134,6 +159,12 @@ class Objective:
     return {t.name: dict(t.consts(ctx)) for t in self.terms}
 
 
+def cache_hidden_layers(cfg: TrainConfig, teacher_cfg) -> tuple[int, ...]:
+  """The teacher layers whose hidden states a teacher cache of this run must hold."""
+  return tuple(sorted({l for t in Objective(cfg).terms
+                       for l in t.teacher_hidden_layers(teacher_cfg)}))
+
+
 def check_cacheable(cfg: TrainConfig) -> None:
   """Raises TeacherCacheError when a term of `cfg` needs more than a teacher cache holds."""
   weighted = terms_lib.objective_terms(cfg.objective)
@@ -142,9 +173,9 @@ def check_cacheable(cfg: TrainConfig) -> None:
     raise teacher_cache_lib.TeacherCacheError(
         f"The term(s) {live} of method {cfg.objective.method!r}"
         + (f" + add_terms {cfg.objective.add_terms!r}" if cfg.objective.add_terms else "")
-        + " read the teacher's full distribution or hidden states, which a teacher cache does "
-        "not hold (it holds the path and boundary log-probs that ALM reads). Run them with the "
-        "live teacher (leave out --teacher_cache).")
+        + " read the teacher's full distribution, which a teacher cache does not hold (it "
+        "holds the path and boundary log-probs that ALM reads, and hidden states). Run them "
+        "with the live teacher (leave out --teacher_cache).")
   if not terms_lib.needs_teacher(weighted):
     raise teacher_cache_lib.TeacherCacheError(
         f"Method {cfg.objective.method!r} does not read the teacher; a teacher cache has "
@@ -187,8 +218,7 @@ def compute_losses(model: DistillationModel, batch: dict[str, jax.Array],
                         hidden_layers=s_layers)
   t_out = None
   if objective.needs_teacher and CACHE_KEYS[0] in batch:  # a teacher cache's batch
-    t_out = CachedTeacher(chunks_lib.TokenLogProbs(path=batch[CACHE_KEYS[0]],
-                                                   boundary=batch[CACHE_KEYS[1]]))
+    t_out = cached_teacher(batch)
   elif objective.needs_teacher:
     t_out = model.teacher(batch["teacher_ids"], **side_inputs(batch, "teacher"),
                           hidden_layers=t_layers)
@@ -292,6 +322,8 @@ class Stepper:
         raise ValueError(f"The {term.name!r} term needs its per-run constants; build them with "
                          "alm.training.make_consts(model, cfg, teacher_tok, student_tok).")
     self.hidden = obj.hidden_layers(ctx)
+    # The teacher layers whose hidden states a cache must hold (the terms that read them).
+    self.cached_hidden = (cache_hidden_layers(cfg, ctx.teacher_cfg) if teacher_cache else ())
     self.mesh = mesh or sharding_lib.make_mesh(1, 1, 1)
     sharding_lib.shard_model(model, self.mesh)
     graphdef, trainable, frozen = nnx.split(model, students_lib.trainable_filter(model, cfg), ...)
@@ -398,12 +430,17 @@ class Stepper:
     global batch (`batch_size / process_count` rows, its own data shard), and
     the global arrays are assembled with `jax.make_array_from_process_local_data`.
     """
-    keys = BATCH_KEYS + (CACHE_KEYS if self.teacher_cache else ())
+    keys = BATCH_KEYS
+    if self.teacher_cache:
+      keys += CACHE_KEYS + tuple(HIDDEN_KEY.format(layer=l) for l in self.cached_hidden)
     missing = [k for k in keys if k not in batch]
     if missing:
-      raise ValueError(f"The batch lacks {missing}" + (
-          " (teacher_cache=True: batches come from alm.data.teacher_cache)"
-          if self.teacher_cache else "") + ".")
+      raise (teacher_cache_lib.TeacherCacheError if self.teacher_cache else ValueError)(
+          f"The batch lacks {missing}" + (
+              ": the teacher cache holds no hidden states of these teacher layers, which the "
+              "hidden-state term reads; build the cache with this run's --add_terms and "
+              "--hidden_layers" if any(k.startswith("teacher_hidden") for k in missing)
+              else "") + ".")
     micro = _micro_split({k: np.asarray(batch[k]) for k in keys}, self.cfg.shapes.grad_accum)
     data = sharding_lib.batch_sharding(self.mesh, 2)
     spec = PartitionSpec(None, *data.spec)

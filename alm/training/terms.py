@@ -104,6 +104,12 @@ class Term:
     del ctx
     return (), ()
 
+  def teacher_hidden_layers(self, teacher_cfg) -> tuple[int, ...]:
+    """The teacher layers (0..L) whose hidden states the term reads; a teacher cache
+    built for the run stores them."""
+    del teacher_cfg
+    return ()
+
   def data_constraint(self) -> str | None:
     """The chunk constraint the data pipeline must align with, or None if any will do."""
     return None

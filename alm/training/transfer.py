@@ -440,15 +440,21 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
   fingerprint, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
   cache = None
   if job.teacher_cache:
-    from alm.data.teacher_cache import TeacherCache
-    from alm.training.step import check_cacheable
+    from alm.data.teacher_cache import TeacherCache, TeacherCacheError
+    from alm.training.step import cache_hidden_layers, check_cacheable
     check_cacheable(cfg)
     # Checked before the student is built: the teacher's weights are still untouched.
+    build = cache_build_command(job, cfg, job.teacher_cache)
     cache = TeacherCache(job.teacher_cache,
                          teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok,
                                                    fingerprint),
-                         build_command=cache_build_command(job, cfg, job.teacher_cache),
-                         process_index=jax.process_index())
+                         build_command=build, process_index=jax.process_index())
+    need = cache_hidden_layers(cfg, teacher.cfg)
+    if not set(need) <= set(cache.hidden_layers):
+      raise TeacherCacheError(
+          f"This run's hidden-state term reads teacher layers {list(need)}; the teacher cache "
+          f"at {job.teacher_cache} holds hidden states of {list(cache.hidden_layers)}. Build a "
+          f"cache with them: {build}")
     fingerprint["teacher_cache"] = cache.manifest["digest"]
     logging.info("Teacher cache: %s (%d rows)", job.teacher_cache, len(cache))
   if separate:
@@ -555,14 +561,17 @@ def _files_digest(spec: str, text_field: str) -> Any:
 
 
 def teacher_cache_fingerprint(job: TransferJob, cfg: TrainConfig, teacher, teacher_tok,
-                              student_tok, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+                              student_tok, data_fingerprint: dict[str, Any],
+                              hidden_dtype: str = "bfloat16") -> dict[str, Any]:
   """Everything a teacher cache of this job depends on (SPEC §15).
 
   The teacher (name and a hash of its weights), both vocabularies, the data
   (spec, files), the pipeline's options (lengths, batch size, seed, packing,
   chunk constraint, normalization, ...), the bias tables, the compute dtype
-  and the vocabulary pass's block size.
+  and the vocabulary pass's block size; and ("hidden") the teacher layers
+  whose hidden states the run's terms read, with their storage dtype.
   """
+  from alm.training.step import cache_hidden_layers  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
   from alm.data.teacher_cache import FORMAT_VERSION, weights_digest
   from alm.losses.chunks import DEFAULT_BLOCK_ROWS
@@ -580,7 +589,9 @@ def teacher_cache_fingerprint(job: TransferJob, cfg: TrainConfig, teacher, teach
           "student_vocab": vocab(student_tok), "data": data_fingerprint,
           "data_files": _files_digest(job.data, job.text_field), "pipeline": pc,
           "dtype": cfg.shapes.dtype, "teacher_param_dtype": cfg.shapes.teacher_param_dtype,
-          "block_rows": DEFAULT_BLOCK_ROWS}
+          "block_rows": DEFAULT_BLOCK_ROWS,
+          "hidden": {"layers": list(cache_hidden_layers(cfg, teacher.cfg)),
+                     "dtype": hidden_dtype}}
 
 
 def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> str:
@@ -593,6 +604,12 @@ def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> s
         f"--student_len={cfg.shapes.student_len}", f"--batch_size={cfg.shapes.batch_size}",
         f"--seed={cfg.seed}", f"--steps={cfg.optimizer.steps}",
         f"--constraint={cfg.objective.constraint}", f"--dtype={cfg.shapes.dtype}"]
+  if cfg.objective.method != "alm":
+    a.append(f"--method={cfg.objective.method}")
+  if cfg.objective.add_terms:
+    a.append(f"--add_terms={cfg.objective.add_terms}")
+  if "hidden" in cfg.objective.add_terms:
+    a.append(f"--hidden_layers={cfg.objective.hidden_layers}")
   if cfg.shapes.teacher_param_dtype != "float32":
     a.append(f"--teacher_param_dtype={cfg.shapes.teacher_param_dtype}")
   if job.pack:
@@ -611,7 +628,8 @@ def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> s
 
 def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
                         command: str | None = None, rows_per_shard: int | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, hidden_dtype: str = "bfloat16"
+                        ) -> dict[str, Any]:
   """Writes the teacher cache of a job: `cfg.optimizer.steps` batches of aligned rows
   with the teacher's path and boundary log-probs (`alm.data.teacher_cache`).
 
@@ -626,6 +644,8 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
     command: the command line (recorded in the manifest).
     rows_per_shard: rows per shard (default: 64 batches).
     progress: show a progress bar.
+    hidden_dtype: storage dtype of the hidden states ("bfloat16" or
+      "float32"), when the run's terms read them (the hidden-state term).
 
   Returns:
     The manifest (rows, shards, fingerprint, stats: seconds, tokens/s, bytes).
@@ -637,11 +657,11 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
   from flax import nnx
   from alm.data.pipeline import Pipeline
   from alm.data.sources import open_source
-  from alm.data.teacher_cache import CacheWriter, CACHE_KEYS, split_rows, log_manifest
+  from alm.data.teacher_cache import CacheWriter, split_rows, log_manifest
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
   from alm.tokenization.vocab import shared_boundary_bytes
-  from alm.training.step import BATCH_KEYS, teacher_token_logprobs
+  from alm.training.step import BATCH_KEYS, cache_hidden_layers, teacher_cache_arrays
   from alm.training.students import DTYPES
   from tqdm.auto import tqdm
 
@@ -657,7 +677,11 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
       job.model, dtype=dtype,
       param_dtype=DTYPES[cfg.shapes.teacher_param_dtype] if separate else jnp.float32)
   data_fp, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
-  fp = teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok, data_fp)
+  if hidden_dtype not in ("bfloat16", "float32"):
+    raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r}.")
+  fp = teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok, data_fp,
+                                 hidden_dtype)
+  layers = cache_hidden_layers(cfg, teacher.cfg)
   pcfg = _pipeline_config(cfg, job)
   b, steps = pcfg.batch_size, cfg.optimizer.steps
   writer = CacheWriter(out_dir, fp, rows_per_shard=rows_per_shard or 64 * b,
@@ -673,7 +697,8 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
   # run that reads them (debiasing, "boundary_prob").
   mask = jnp.asarray(teacher_tok.boundary_token_mask(shared_boundary_bytes(teacher_tok,
                                                                            student_tok)))
-  fn = nnx.jit(teacher_token_logprobs)
+  fn = nnx.jit(teacher_cache_arrays, static_argnames=("hidden_layers", "hidden_dtype"))
+  h_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[hidden_dtype]
   pipe = Pipeline(open_source(job.data, text_field=job.text_field), teacher_tok, student_tok,
                   pcfg, align_fn=align_fn)
   done = writer.rows_done // b
@@ -686,10 +711,9 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
       if k < done:  # a resumed build: these rows are in the cache already
         continue
       arrays = {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
-      lp = fn(teacher, arrays, mask)
+      got = fn(teacher, arrays, mask, hidden_layers=layers, hidden_dtype=h_dtype)
       rows = {key: batch[key] for key in BATCH_KEYS}
-      rows[CACHE_KEYS[0]] = np.asarray(lp.path, np.float32)
-      rows[CACHE_KEYS[1]] = np.asarray(lp.boundary, np.float32)
+      rows.update({key: np.asarray(v) for key, v in got.items()})
       writer.add(split_rows(rows))
       tokens += int((batch["teacher_segment_ids"] > 0).sum())
       bar.update(1)

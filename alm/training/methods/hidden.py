@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from alm.data.teacher_cache import HIDDEN_KEY
 from alm.losses import hidden as hidden_lib
 from alm.training.config import ObjectiveConfig, parse_layer_pairs
 from alm.training.terms import BuildContext, Forward, Term, register_term
@@ -49,6 +50,10 @@ class HiddenTerm(Term):
                          f"out of range for a {n}-layer model (valid: 0..{n} or "
                          f"-{n + 1}..-1).")
 
+  def teacher_hidden_layers(self, teacher_cfg) -> tuple[int, ...]:
+    n = teacher_cfg.num_layers
+    return tuple(sorted({t + n + 1 if t < 0 else t for t, _ in self.pairs}))
+
   def hidden_layers(self, ctx: BuildContext):
     return self._layers(ctx.teacher_cfg, ctx.student_cfg)
 
@@ -62,12 +67,17 @@ class HiddenTerm(Term):
     d = model.teacher.transformer.cfg.hidden_size
 
     def sums(carry, mb):
-      model = merge()
-      seg = mb["teacher_segment_ids"]
-      out = model.teacher(mb["teacher_ids"], attention_mask=seg > 0, segment_ids=seg,
-                          positions=mb["teacher_positions"], hidden_layers=t_layers)
+      keys = [HIDDEN_KEY.format(layer=l) for l in t_layers]
+      if all(k in mb for k in keys):  # a teacher cache's batch
+        states = [mb[k].astype(jnp.float32) for k in keys]
+      else:
+        model = merge()
+        seg = mb["teacher_segment_ids"]
+        out = model.teacher(mb["teacher_ids"], attention_mask=seg > 0, segment_ids=seg,
+                            positions=mb["teacher_positions"], hidden_layers=t_layers)
+        states = [out.hidden_states[l] for l in t_layers]
       s, c = hidden_lib.chunk_end_square_sums(
-          [out.hidden_states[l] for l in t_layers], mb["teacher_chunk_ids"],
+          states, mb["teacher_chunk_ids"],
           mb["student_chunk_ids"], teacher_loss_mask=mb["teacher_loss_mask"],
           student_loss_mask=mb["student_loss_mask"])
       return (carry[0] + s, carry[1] + c), None
