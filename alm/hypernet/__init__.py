@@ -10,6 +10,11 @@ FVT initialisation (`alm.hypernet.fvt`):
 
 The embedding projector (`alm.hypernet.projector`):
   EmbeddingProjector, ProjectorConfig -- a learned residual map, identity at step 0
+
+ZeTT-style hypernetworks (`alm.hypernet.hypernet`, docs/method.md §14):
+  Hypernetwork, HypernetConfig -- new-token embeddings from base-tokenizer pieces
+  predict_embeddings          -- a whole new vocabulary, each token once, in batches
+  transfer                    -- the base model moved to a new tokenizer (zero-shot)
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ _LAZY = {
     "fvt_transformer": "alm.hypernet.fvt",
     "EmbeddingProjector": "alm.hypernet.projector",
     "ProjectorConfig": "alm.hypernet.projector",
+    "Hypernetwork": "alm.hypernet.hypernet",
+    "HypernetConfig": "alm.hypernet.hypernet",
+    "HypernetError": "alm.hypernet.hypernet",
+    "predict_embeddings": "alm.hypernet.hypernet",
+    "transfer": "alm.hypernet.hypernet",
 }
 
 __all__ = sorted(_LAZY)
