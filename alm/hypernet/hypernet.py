@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from typing import Literal
 
@@ -38,6 +39,9 @@ from flax import nnx
 from alm.hypernet import fvt
 
 Residual = Literal["mean", "first"]
+# The largest share of a new vocabulary's regular tokens the base tokenizer may be
+# unable to spell (they keep FVT's fallback); more is refused.
+MAX_UNSPELLABLE = 0.01
 
 
 class HypernetError(ValueError):
@@ -185,7 +189,8 @@ class Pieces:
     ids: int32 [V_new, M] base ids of each new token's first M pieces (0 pad).
     mask: bool [V_new, M].
     predicted: bool [V_new]: the token is predicted (every non-special
-      token); the others (specials) take FVT's embedding.
+      token the base can spell); the others (specials, and the few byte
+      values a base vocabulary may lack) take FVT's embedding.
     fvt_in: float32 [V_new, D] FVT input embeddings; fvt_out the output ones
       (None when tied).
   """
@@ -202,8 +207,8 @@ def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray 
   """Decomposes every new token by the base tokenizer (see `Pieces`).
 
   Raises:
-    HypernetError: a regular new token the base tokenizer cannot spell (no
-      decomposition), naming examples.
+    HypernetError: more than `MAX_UNSPELLABLE` of the new vocabulary cannot be
+      spelled by the base tokenizer (no decomposition), naming examples.
   """
   fvt.check_embedding_rows(emb_in.shape[0], base_tok)
   d = fvt.decompose(base_tok, new_tok) if decomposition is None else decomposition
@@ -215,11 +220,19 @@ def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray 
   if lost.size:
     tb = new_tok.token_bytes
     ex = [tb[i] for i in lost[:5]]
-    raise HypernetError(
-        f"{lost.size} regular token(s) of {getattr(new_tok, 'name', 'the new tokenizer')!r} "
-        f"cannot be spelled with the base tokenizer's tokens (e.g. ids {lost[:5].tolist()}: "
-        f"{ex}), so the hypernetwork has no pieces to read. Use a base model whose tokenizer "
-        "covers every byte (byte-level BPE), or a new tokenizer without those tokens.")
+    what = (f"{lost.size} regular token(s) of {getattr(new_tok, 'name', 'the new tokenizer')!r} "
+            f"cannot be spelled with the base tokenizer's tokens (e.g. ids {lost[:5].tolist()}: "
+            f"{ex})")
+    if lost.size > MAX_UNSPELLABLE * new_tok.vocab_size:
+      raise HypernetError(
+          f"{what}, so the hypernetwork has no pieces to read for them. Use a base model "
+          "whose tokenizer covers every byte (byte-level BPE), or a new tokenizer without "
+          "those tokens.")
+    # A few byte values a base vocabulary lacks (SmolLM2: 21, never in valid UTF-8 text or
+    # rare controls): not predicted, FVT's fallback (the mean of all embeddings).
+    logging.warning("%s; they keep FVT's fallback embedding (the mean of all), not a "
+                    "prediction.", what)
+    special = special | (lens == 0)
   m = max_pieces
   ids = np.zeros((new_tok.vocab_size, m), np.int32)
   take = np.minimum(lens, m)
