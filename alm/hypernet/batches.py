@@ -1,0 +1,122 @@
+"""Host-side training batches of a hypernetwork (SPEC §11): one sampled tokenizer per step.
+
+Each step, documents are tokenized by the base tokenizer (the teacher side)
+and by that step's sampled tokenizer (the student side), aligned and cut into
+rows by the data pipeline's own `DocumentProcessor` (so the chunks are exactly
+those of any other run), and the student side is re-indexed into a **local
+vocabulary** of `vocab_rows` ids: the batch's own tokens, then random
+negatives of the sampled tokenizer (the output softmax is over these rows, as
+in ZeTT), padded. The hypernetwork predicts the embeddings of those rows only.
+
+`hypernet_batch(...)` returns the pipeline's batch keys (`alm.data.pipeline`),
+the student ids local, plus:
+  student_vocab_ids      int32 [K]: the sampled tokenizer's id of each local row
+  student_vocab_pieces   int32 [K, M]: base pieces of each row (0 pad)
+  student_vocab_mask     bool  [K, M]
+  student_vocab_predict  bool  [K]: predicted (else FVT's row: specials, bytes the
+                         base lacks, padding rows)
+  student_vocab_valid    bool  [K]: a real row (padding rows get logit -inf)
+  student_vocab_boundary bool  [K]: the row's token starts a pretoken (ALM)
+and, as float32 [K, D] each, `student_vocab_fvt_in` / `student_vocab_fvt_out`
+(FVT's rows, the heuristic and the fallback; `_out` only for untied bases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from alm.data.pipeline import DocumentProcessor, PipelineConfig, _Skipped, _pad_id, pad_example
+from alm.hypernet.hypernet import HypernetError, Pieces
+from alm.tokenization.vocab import shared_boundary_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class HypernetBatchConfig:
+  """Shapes of a hypernetwork training batch.
+
+  Attributes:
+    batch_size: rows per step.
+    teacher_len: base-tokenizer tokens per row.
+    student_len: sampled-tokenizer tokens per row.
+    vocab_rows: K, rows of the local vocabulary (the batch's tokens + negatives).
+  """
+
+  batch_size: int = 8
+  teacher_len: int = 128
+  student_len: int = 128
+  vocab_rows: int = 4096
+
+  def __post_init__(self):
+    for name, low in (("batch_size", 1), ("teacher_len", 2), ("student_len", 2),
+                      ("vocab_rows", 2)):
+      if getattr(self, name) < low:
+        raise ValueError(f"HypernetBatchConfig.{name} must be >= {low}, got "
+                         f"{getattr(self, name)}.")
+
+
+def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces: Pieces,
+                   cfg: HypernetBatchConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """One training batch (see the module docstring).
+
+  Args:
+    docs: at least `cfg.batch_size` documents ({"text": ...}); the first that
+      both tokenizers can spell are used, one row each (truncated).
+    base_tok: the base model's tokenizer (teacher side).
+    sampled_tok: this step's sampled tokenizer (student side).
+    pieces: `new_vocab_pieces(base_tok, sampled_tok, ...)`.
+    cfg: the shapes.
+    rng: draws the negatives.
+
+  Raises:
+    HypernetError: too few usable documents, or the batch's own tokens need
+      more than `vocab_rows` rows (raise it).
+  """
+  pcfg = PipelineConfig(batch_size=cfg.batch_size, teacher_len=cfg.teacher_len,
+                        student_len=cfg.student_len, shuffle=False, num_epochs=1)
+  proc = DocumentProcessor(base_tok, sampled_tok, pcfg)
+  pad_ids = (_pad_id(base_tok), _pad_id(sampled_tok))
+  rows = []
+  for doc in docs:
+    out = proc(doc)
+    if isinstance(out, _Skipped) or not out:
+      continue
+    rows.append(pad_example(out[0], pcfg, pad_ids))
+    if len(rows) == cfg.batch_size:
+      break
+  if len(rows) < cfg.batch_size:
+    raise HypernetError(f"Only {len(rows)} of {len(docs)} documents are usable; a batch "
+                        f"needs {cfg.batch_size}. Pass more documents per step.")
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  ids = batch["student_ids"]
+  used = np.unique(ids)  # includes the pad id
+  k = cfg.vocab_rows
+  if len(used) > k:
+    raise HypernetError(f"The batch holds {len(used)} distinct tokens of the sampled "
+                        f"tokenizer, more than vocab_rows={k}; raise vocab_rows (or use "
+                        "smaller batches).")
+  pool = np.setdiff1d(np.flatnonzero(pieces.predicted), used, assume_unique=False)
+  n_neg = min(k - len(used), len(pool))
+  negatives = np.sort(rng.choice(pool, n_neg, replace=False)) if n_neg else pool[:0]
+  vocab = np.concatenate([used, negatives]).astype(np.int32)
+  valid = np.ones(k, bool)
+  if len(vocab) < k:  # pad with repeats of the last row, marked invalid
+    valid[len(vocab):] = False
+    vocab = np.concatenate([vocab, np.full(k - len(vocab), vocab[-1], np.int32)])
+  local = np.searchsorted(used, ids).astype(np.int32)  # `used` is sorted, rows 0..len-1
+  batch["student_ids"] = local
+  mask = sampled_tok.boundary_token_mask(shared_boundary_bytes(base_tok, sampled_tok))
+  batch.update({
+      "student_vocab_ids": vocab,
+      "student_vocab_pieces": pieces.ids[vocab],
+      "student_vocab_mask": pieces.mask[vocab],
+      "student_vocab_predict": pieces.predicted[vocab] & valid,
+      "student_vocab_valid": valid,
+      "student_vocab_boundary": np.asarray(mask, bool)[vocab] & valid,
+      "student_vocab_fvt_in": pieces.fvt_in[vocab],
+  })
+  if pieces.fvt_out is not None:
+    batch["student_vocab_fvt_out"] = pieces.fvt_out[vocab]
+  return batch
