@@ -72,6 +72,16 @@ def side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
 CACHE_KEYS = teacher_cache_lib.CACHE_KEYS
 HIDDEN_KEY = teacher_cache_lib.HIDDEN_KEY  # "teacher_hidden@{layer}"
 CACHE_PROVIDES = frozenset({"token_logprobs", "hidden"})
+# A batch's own student vocabulary (alm.hypernet.batches: the hypernetwork student's K
+# local rows): per-batch constants, replicated and shared by the micro-batches, handed to
+# the student as `vocab={name: array}`.
+VOCAB_PREFIX = "student_vocab_"
+
+
+def vocab_inputs(batch) -> dict[str, Any]:
+  """The student's `vocab=` keyword from a batch's `student_vocab_*` arrays ({} if none)."""
+  vocab = {k[len(VOCAB_PREFIX):]: v for k, v in batch.items() if k.startswith(VOCAB_PREFIX)}
+  return {"vocab": vocab} if vocab else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +225,7 @@ def compute_losses(model: DistillationModel, batch: dict[str, jax.Array],
   """
   t_layers, s_layers = hidden
   s_out = model.student(batch["student_ids"], **side_inputs(batch, "student"),
-                        hidden_layers=s_layers)
+                        hidden_layers=s_layers, **vocab_inputs(batch))
   t_out = None
   if objective.needs_teacher and CACHE_KEYS[0] in batch:  # a teacher cache's batch
     t_out = cached_teacher(batch)
@@ -353,10 +363,13 @@ class Stepper:
   def _step_fn(self, trainable, opt_state, frozen, micro, consts):
     graphdef, obj, terms = self.state.graphdef, self.objective, self.terms
     w = jnp.asarray(self.weights, jnp.float32)
+    # The batch's student vocabulary is the same for every micro-batch.
+    vocab = {k: v for k, v in micro.items() if k.startswith(VOCAB_PREFIX)}
+    micro = {k: v for k, v in micro.items() if not k.startswith(VOCAB_PREFIX)}
 
     def totals(params, mb, consts):
       model = nnx.merge(graphdef, params, frozen)
-      losses = compute_losses(model, mb, consts, obj, self.hidden)
+      losses = compute_losses(model, {**mb, **vocab}, consts, obj, self.hidden)
       tot = jnp.stack([losses[k].total for k in terms])
       cnt = jnp.stack([losses[k].count for k in terms])
       return tot, cnt
@@ -442,6 +455,9 @@ class Stepper:
               "--hidden_layers" if any(k.startswith("teacher_hidden") for k in missing)
               else "") + ".")
     micro = _micro_split({k: np.asarray(batch[k]) for k in keys}, self.cfg.shapes.grad_accum)
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    vocab = {k: jax.device_put(np.asarray(v), rep) for k, v in batch.items()
+             if k.startswith(VOCAB_PREFIX)}
     data = sharding_lib.batch_sharding(self.mesh, 2)
     spec = PartitionSpec(None, *data.spec)
     out = {}
@@ -452,7 +468,7 @@ class Stepper:
         out[k] = jax.make_array_from_process_local_data(sh, v, shape)
       else:
         out[k] = jax.device_put(v, sh)
-    return out
+    return {**out, **vocab}
 
   def step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """One optimizer step on a global batch; returns the step's metrics (device arrays)."""

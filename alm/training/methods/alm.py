@@ -59,10 +59,13 @@ class ALMTerm(Term):
     b, c = fwd.batch, fwd.consts
 
     def side(name, out):
-      # A cached teacher (alm.training.step.CachedTeacher) has token log-probs, no logits.
+      # A cached teacher (alm.training.step.CachedTeacher) has token log-probs, no logits;
+      # a batch with its own student vocabulary (hypernetwork training) has its own
+      # boundary rows.
+      boundary = b.get(f"{name}_vocab_boundary", c[f"{name}_boundary"])
       return alm_loss_lib.Side(
           logits=out.logits, ids=b[f"{name}_ids"], chunk_ids=b[f"{name}_chunk_ids"],
-          loss_mask=b[f"{name}_loss_mask"], boundary_mask=c[f"{name}_boundary"],
+          loss_mask=b[f"{name}_loss_mask"], boundary_mask=boundary,
           segment_ids=b[f"{name}_segment_ids"], text_continues=b[f"{name}_text_continues"],
           token_logprobs=getattr(out, "token_logprobs", None))
 

@@ -1,0 +1,95 @@
+"""Hypernetwork training through the engine: the student kind, per-batch vocabularies."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alm.hypernet import fvt
+from alm.hypernet.batches import HypernetBatchConfig, hypernet_batch
+from alm.hypernet.hypernet import (HypernetConfig, Hypernetwork, base_tables, new_vocab_pieces,
+                                   num_params, predict_embeddings)
+from alm.hypernet.sampler import SamplerConfig, sample_tokenizer
+from alm.hypernet.student import HypernetKind, load_hypernet, save_hypernet
+from alm.testing.models import tiny_model
+from alm.testing.tokenizers import tiny_tokenizer
+from alm.training.config import TrainConfig, TrainConfigError
+from alm.training.optim import make_optimizer
+from alm.training.step import Stepper, make_consts, vocab_inputs
+from alm.training.students import build_model
+from tests import training_utils as tu
+
+
+@pytest.fixture(scope="module")
+def setup():
+  base_tok = tiny_tokenizer("bpe", 300)
+  base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=False)
+  docs = [{"text": t} for t in tu.TEXTS]
+  return base_tok, base, docs
+
+
+def _batch(base_tok, base, docs, seed, m=4):
+  sampled = sample_tokenizer(base_tok, [d["text"] for d in docs], seed=seed,
+                             cfg=SamplerConfig(vocab_size=120, min_count=1))
+  emb_in, emb_out = base_tables(base)
+  pieces = new_vocab_pieces(base_tok, sampled, emb_in, emb_out, m)
+  cfg = HypernetBatchConfig(batch_size=2, teacher_len=24, student_len=32, vocab_rows=160)
+  return sampled, hypernet_batch(docs, base_tok, sampled, pieces, cfg,
+                                 np.random.default_rng(seed))
+
+
+def test_at_init_the_student_is_fvt_on_the_batch_vocabulary(setup):
+  base_tok, base, docs = setup
+  sampled, b = _batch(base_tok, base, docs, seed=0)
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              rngs=nnx.Rngs(0))
+  cfg = TrainConfig.build(method="alm", lora_rank=0, batch_size=2, teacher_len=24,
+                          student_len=32)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  ours = np.asarray(model.student(jnp.asarray(b["student_ids"]),
+                                  **vocab_inputs(b)).logits)
+  ref = fvt.fvt_transformer(base, base_tok, sampled)
+  full = np.asarray(ref(jnp.asarray(b["student_vocab_ids"][b["student_ids"]])).logits)
+  valid = b["student_vocab_valid"]
+  np.testing.assert_allclose(ours[..., valid], full[..., b["student_vocab_ids"][valid]],
+                             rtol=1e-5, atol=1e-5)
+  assert np.isneginf(ours[..., ~valid]).all()
+
+
+def test_training_moves_only_the_hypernetwork_and_saves(setup, tmp_path):
+  base_tok, base, docs = setup
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              name="tiny", rngs=nnx.Rngs(0))
+  cfg = TrainConfig.build(method="alm", lora_rank=0, batch_size=2, teacher_len=24,
+                          student_len=32, learning_rate=3e-3, warmup_steps=0, steps=4)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  s = Stepper(model, cfg, make_consts(model, cfg, base_tok, base_tok), make_optimizer(cfg))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.state.trainable)) == \
+      num_params(hn)
+  body = [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(base, nnx.Param))]
+  # A new sampled tokenizer every step, the same shapes: one compilation.
+  batches = [_batch(base_tok, base, docs, seed=k)[1] for k in range(4)]
+  losses = [float(s.step(b)["loss"]) for b in batches]
+  assert all(np.isfinite(losses))
+  again = [float(s.step(b)["loss"]) for b in batches]
+  assert np.mean(again) < np.mean(losses), (losses, again)  # it learns
+  for a, b in zip(body, jax.tree.leaves(nnx.state(base, nnx.Param))):
+    np.testing.assert_array_equal(a, np.asarray(b))  # the base never moves
+  trained = s.model().student.hypernet
+  save_hypernet(trained, tmp_path / "hn")
+  back = load_hypernet(tmp_path / "hn")
+  sampled, _ = _batch(base_tok, base, docs, seed=9)
+  np.testing.assert_array_equal(predict_embeddings(back, base, base_tok, sampled)[0],
+                                predict_embeddings(trained, base, base_tok, sampled)[0])
+
+
+def test_bad_options_are_refused(setup):
+  base_tok, base, _ = setup
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4), rngs=nnx.Rngs(0))
+  with pytest.raises(TrainConfigError, match="trains the hypernetwork only"):
+    build_model(HypernetKind(hn), base, base_tok, base_tok, TrainConfig.build(lora_rank=8))
+  with pytest.raises(FileNotFoundError, match="No hypernetwork at"):
+    load_hypernet("/nonexistent/hn")
