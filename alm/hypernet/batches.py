@@ -58,7 +58,8 @@ class HypernetBatchConfig:
 
 
 def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces: Pieces,
-                   cfg: HypernetBatchConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                   cfg: HypernetBatchConfig, rng: np.random.Generator | None = None, *,
+                   full_vocab: bool = False) -> dict[str, np.ndarray]:
   """One training batch (see the module docstring).
 
   Args:
@@ -69,6 +70,8 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
     pieces: `new_vocab_pieces(base_tok, sampled_tok, ...)`.
     cfg: the shapes.
     rng: draws the negatives.
+    full_vocab: the local vocabulary is the whole sampled tokenizer (local id =
+      its id; `cfg.vocab_rows` is ignored): an exact softmax, for evaluation.
 
   Raises:
     HypernetError: too few usable documents, or the batch's own tokens need
@@ -90,6 +93,10 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
     raise HypernetError(f"Only {len(rows)} of {len(docs)} documents are usable; a batch "
                         f"needs {cfg.batch_size}. Pass more documents per step.")
   batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  mask = sampled_tok.boundary_token_mask(shared_boundary_bytes(base_tok, sampled_tok))
+  if full_vocab:
+    vocab = np.arange(sampled_tok.vocab_size, dtype=np.int32)
+    return {**batch, **_vocab_arrays(vocab, np.ones(len(vocab), bool), pieces, mask)}
   ids = batch["student_ids"]
   used = np.unique(ids)  # includes the pad id
   k = cfg.vocab_rows
@@ -107,16 +114,18 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
     vocab = np.concatenate([vocab, np.full(k - len(vocab), vocab[-1], np.int32)])
   local = np.searchsorted(used, ids).astype(np.int32)  # `used` is sorted, rows 0..len-1
   batch["student_ids"] = local
-  mask = sampled_tok.boundary_token_mask(shared_boundary_bytes(base_tok, sampled_tok))
-  batch.update({
-      "student_vocab_ids": vocab,
-      "student_vocab_pieces": pieces.ids[vocab],
-      "student_vocab_mask": pieces.mask[vocab],
-      "student_vocab_predict": pieces.predicted[vocab] & valid,
-      "student_vocab_valid": valid,
-      "student_vocab_boundary": np.asarray(mask, bool)[vocab] & valid,
-      "student_vocab_fvt_in": pieces.fvt_in[vocab],
-  })
+  return {**batch, **_vocab_arrays(vocab, valid, pieces, mask)}
+
+
+def _vocab_arrays(vocab: np.ndarray, valid: np.ndarray, pieces: Pieces, boundary
+                  ) -> dict[str, np.ndarray]:
+  out = {"student_vocab_ids": vocab,
+         "student_vocab_pieces": pieces.ids[vocab],
+         "student_vocab_mask": pieces.mask[vocab],
+         "student_vocab_predict": pieces.predicted[vocab] & valid,
+         "student_vocab_valid": valid,
+         "student_vocab_boundary": np.asarray(boundary, bool)[vocab] & valid,
+         "student_vocab_fvt_in": pieces.fvt_in[vocab]}
   if pieces.fvt_out is not None:
-    batch["student_vocab_fvt_out"] = pieces.fvt_out[vocab]
-  return batch
+    out["student_vocab_fvt_out"] = pieces.fvt_out[vocab]
+  return out

@@ -28,6 +28,10 @@ from alm.training.config import TrainConfigError
 from alm.training.students import StudentKind, Teacher, _param_at, register_kind
 
 
+# Rows of a batch's vocabulary predicted at once (bounds the hypernetwork's activations).
+ROW_CHUNK = 4096
+
+
 class _Table(nnx.Variable):
   """The base's embedding rows the pieces are read from (frozen)."""
 
@@ -49,12 +53,32 @@ class HypernetStudent(nnx.Module):
     self.projector = None
 
   def rows(self, vocab: dict[str, jax.Array]) -> jax.Array:
-    """The K local rows [K, k·D]: predicted, or FVT's where not predicted."""
+    """The K local rows [K, k·D]: predicted, or FVT's where not predicted.
+
+    Rows go through the hypernetwork in chunks of `ROW_CHUNK` (a whole
+    vocabulary of an evaluation tokenizer never holds its [K, M, width]
+    activations at once).
+    """
     fvt = vocab["fvt_in"] if "fvt_out" not in vocab else jnp.concatenate(
         [vocab["fvt_in"], vocab["fvt_out"]], axis=-1)
-    pieces = jnp.take(self.table[...], vocab["pieces"], axis=0) * vocab["mask"][..., None]
-    heur = fvt if self.hypernet.cfg.residual == "mean" else pieces[:, 0]
-    pred = self.hypernet(pieces, vocab["mask"], heur)
+    table = self.table[...]
+
+    def predict(ids, mask, fvt_rows):
+      pieces = jnp.take(table, ids, axis=0) * mask[..., None]
+      heur = fvt_rows if self.hypernet.cfg.residual == "mean" else pieces[:, 0]
+      return self.hypernet(pieces, mask, heur)
+
+    k = fvt.shape[0]
+    if k <= ROW_CHUNK:
+      pred = predict(vocab["pieces"], vocab["mask"], fvt)
+    else:
+      n = -(-k // ROW_CHUNK)
+      pad = n * ROW_CHUNK - k
+      chunk = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+          n, ROW_CHUNK, *x.shape[1:])
+      pred = jax.lax.map(lambda a: predict(*a), (chunk(vocab["pieces"]),
+                                                 chunk(vocab["mask"]), chunk(fvt)))
+      pred = pred.reshape(n * ROW_CHUNK, -1)[:k]
     return jnp.where(vocab["predict"][:, None], pred, fvt)
 
   def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, positions=None,

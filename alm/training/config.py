@@ -376,6 +376,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        steps=30, learning_rate=1e-4, warmup_steps=3, batch_size=4,
                        teacher_len=64, student_len=256, lora_rank=0, train_body=True,
                        constraint="boundary_prob", teacher_samples=32),
+    # Hypernetwork training (experiments/train_hypernet.py, docs/method.md §14): only the
+    # hypernetwork trains, by ALM against the base with its own tokenizer. CPU-sized:
+    "hypernet-demo": dict(method="alm", steps=30, learning_rate=3e-4, warmup_steps=3,
+                          batch_size=4, teacher_len=64, student_len=64, lora_rank=0),
     # ... and the paper's (LR 3e-5, batch 32, 2048 bytes per 512 teacher tokens).
     "paper-bytes": dict(method="alm", add_terms="alm_space=1,hidden=1", combine="gradmag",
                         steps=20_000, learning_rate=3e-5, warmup_steps=2_000, batch_size=32,

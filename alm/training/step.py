@@ -512,6 +512,7 @@ def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str
     (bits, bytes, tokens) float32 scalars.
   """
   ids = batch[f"{side}_ids"]
-  out = model_fn(ids, **side_inputs(batch, side))
+  out = model_fn(ids, **side_inputs(batch, side), **(vocab_inputs(batch) if side == "student"
+                                                      else {}))
   nb = batch[f"{side}_num_bytes"]
   return sequence_bits(out.logits, ids, batch[f"{side}_loss_mask"] & (nb > 0), nb)

@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -48,7 +48,7 @@ from alm.tokenization.base import ByteTokenizer
 from alm.training import step as step_lib
 from alm.training.checkpoint import Checkpointer
 from alm.training.config import TrainConfig
-from alm.training.metrics import MetricsLogger, read_history, write_report
+from alm.training.metrics import MetricsLogger, heldout_suffixes, read_history, write_report
 from alm.training.students import DistillationModel, count_params
 from alm.training.optim import learning_rate_schedule, make_optimizer
 from alm.training.rundir import RunLock
@@ -157,6 +157,10 @@ class Trainer:
     fingerprint_extra: identifying information stored with checkpoints.
     summary_extra: added to the report's summary table (e.g. the command).
     title: the report's title (default: "Distillation").
+    eval_hook: more held-out numbers computed from the current model at each
+      evaluation, `{label: {"teacher_bpb": ..., "student_bpb": ...}}`,
+      reported as `<key>@<label>` like `extra_eval` (a hypernetwork run scores
+      whole tokenizers it predicts, `alm.hypernet.train`).
   """
 
   def __init__(self, model: DistillationModel, teacher_tok: ByteTokenizer,
@@ -164,8 +168,11 @@ class Trainer:
                eval_batches: Sequence[dict[str, np.ndarray]], opts: RunOptions, *,
                extra_eval: dict[str, Sequence[dict[str, np.ndarray]]] | None = None,
                fingerprint_extra: dict[str, Any] | None = None,
-               summary_extra: dict[str, Any] | None = None, title: str = "Distillation"):
+               summary_extra: dict[str, Any] | None = None, title: str = "Distillation",
+               eval_hook: Callable[[DistillationModel], dict[str, dict[str, float]]] | None
+               = None):
     self.cfg, self.opts, self.title = cfg, opts, title
+    self.eval_hook = eval_hook
     self.teacher_tok, self.student_tok = teacher_tok, student_tok
     self.data = train_data
     self.summary_extra = dict(summary_extra or {})
@@ -242,9 +249,13 @@ class Trainer:
     par = int(np.prod([self.mesh.shape[a] for a in axes]))
     # Rows split over the data axes when they divide evenly, else replicated.
     first = (axes[0] if len(axes) == 1 else axes) if axes and n % par == 0 else None
-    return {k: jax.device_put(np.asarray(batch[k]), NamedSharding(
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    return {**{k: jax.device_put(np.asarray(batch[k]), NamedSharding(
         self.mesh, PartitionSpec(first, *([None] * (np.ndim(batch[k]) - 1)))))
-            for k in step_lib.BATCH_KEYS}
+               for k in step_lib.BATCH_KEYS},
+            # A batch's own student vocabulary (hypernetwork runs), replicated.
+            **{k: jax.device_put(np.asarray(v), rep) for k, v in batch.items()
+               if k.startswith(step_lib.VOCAB_PREFIX)}}
 
   # -- evaluation -------------------------------------------------------------
 
@@ -283,6 +294,12 @@ class Trainer:
       ev = self.bits_per_byte(batches)
       out[f"teacher_bpb{suffix}"], out[f"student_bpb{suffix}"] = (ev["teacher_bpb"],
                                                                   ev["student_bpb"])
+    if self.eval_hook is not None:
+      for label, ev in self.eval_hook(self.model()).items():
+        if not label or "@" in label or f"@{label}" in sets:
+          raise ValueError(f"eval_hook label {label!r} is empty, has '@' or is taken.")
+        out[f"teacher_bpb@{label}"], out[f"student_bpb@{label}"] = (ev["teacher_bpb"],
+                                                                    ev["student_bpb"])
     return out
 
   # -- the loop ---------------------------------------------------------------
@@ -410,7 +427,7 @@ class Trainer:
                "skipped_nonfinite_steps": int(sum(
                    r.get("skipped_nonfinite", 0) for r in read_history(self.opts.out_dir)
                    if r["kind"] == "train"))}
-    for suffix in ("", *(f"@{k}" for k in self.extra_eval)):
+    for suffix in heldout_suffixes(base.keys(), "init_student_bpb"):
       teacher, init = base[f"teacher_bpb{suffix}"], base[f"init_student_bpb{suffix}"]
       gap0 = init - teacher
       summary.update({

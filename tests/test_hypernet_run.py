@@ -1,0 +1,42 @@
+"""experiments.train_hypernet's run, end to end on a tiny base model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from alm.hypernet.hypernet import HypernetConfig
+from alm.hypernet.sampler import SamplerConfig
+from alm.hypernet.student import load_hypernet
+from alm.hypernet.train import HypernetJob, run_hypernet
+from alm.models.loading import save_model
+from alm.testing.models import tiny_model
+from alm.testing.tokenizers import tiny_tokenizer
+from alm.training.config import TrainConfig
+from alm.training.trainer import RunOptions
+
+
+def test_a_short_run_trains_evaluates_zero_shot_and_exports(tmp_path):
+  base_tok = tiny_tokenizer("bpe", 300)
+  save_model(tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=False),
+             tmp_path / "base", base_tok)
+  other = tiny_tokenizer("unigram", 280)  # a tokenizer never sampled: zero-shot
+  other.save_pretrained(tmp_path / "other")
+  job = HypernetJob(model=str(tmp_path / "base"),
+                    hypernet=HypernetConfig(num_heads=4, max_pieces=4),
+                    sampler=SamplerConfig(vocab_size=200, min_count=1), vocab_rows=256,
+                    sample_docs=8, eval_tokenizers=(str(tmp_path / "other"),),
+                    eval_batches=1, export_dir=str(tmp_path / "hn"))
+  cfg = TrainConfig.build(preset="hypernet-demo", steps=3, batch_size=2, teacher_len=32,
+                          student_len=32)
+  s = run_hypernet(job, cfg, RunOptions(out_dir=str(tmp_path / "run"), progress=False,
+                                        tensorboard=False, checkpoint_every=2))
+  assert s["steps"] == 3 and np.isfinite(s["final_student_bpb"])
+  label = "@other"
+  assert np.isfinite(s[f"final_student_bpb{label}"]) and s[f"teacher_bpb{label}"] > 0
+  # At init the hypernetwork is FVT: the zero-shot start is FVT's start.
+  assert s[f"init_student_bpb{label}"] > s[f"teacher_bpb{label}"]
+  assert load_hypernet(tmp_path / "hn").cfg.max_pieces == 4
+  recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]
