@@ -1,0 +1,101 @@
+"""Hypernetworks: time and memory to predict a whole vocabulary, and the training step.
+
+  python -m benchmarks.bench_hypernet [--model=smollm2-135m-instruct --target=qwen3 \\
+      --batch_size=4096 --hypernet_dim=0 --steps=3]
+
+Reports, in one run:
+  * the decomposition of the target vocabulary by the base tokenizer (host),
+  * `predict_embeddings` of every target token (each once, in batches of
+    --batch_size): wall time (after a warm-up batch compiles), tokens/s, and
+    the peak resident memory of the process (`ru_maxrss`) before and after;
+  * the train step of `experiments.train_hypernet` (the hypernet-demo shapes):
+    median wall time over --steps after one compiling step, and the host time
+    to sample a tokenizer and build a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from alm.data.sources import open_source
+from alm.hypernet import fvt
+from alm.hypernet.hypernet import (HypernetConfig, Hypernetwork, base_tables, new_vocab_pieces,
+                                   num_params, predict_embeddings)
+from alm.hypernet.train import HypernetBatches, HypernetJob
+from alm.hypernet.batches import HypernetBatchConfig
+from alm.hypernet.student import HypernetKind
+from alm.models.loading import load_model
+from alm.tokenization.loading import load_tokenizer
+from alm.training.config import TrainConfig
+from alm.training.optim import make_optimizer
+from alm.training.step import Stepper, make_consts
+from alm.training.students import build_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m-instruct", "Base model.")
+flags.DEFINE_string("target", "qwen3", "The vocabulary to predict.")
+flags.DEFINE_integer("batch_size", 4096, "Tokens per hypernetwork call.")
+flags.DEFINE_integer("hypernet_dim", 0, "Hypernetwork width (0: the base's).")
+flags.DEFINE_integer("steps", 3, "Timed training steps.")
+
+
+def _rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv):
+  del argv
+  base, base_tok = load_model(FLAGS.model)
+  target = load_tokenizer(FLAGS.target)
+  hcfg = HypernetConfig(dim=FLAGS.hypernet_dim)
+  hn = Hypernetwork.for_model(base, base_tok, hcfg, rngs=nnx.Rngs(0))
+  out = {"model": FLAGS.model, "target": FLAGS.target, "target_vocab": target.vocab_size,
+         "hypernet_params": num_params(hn), "batch_size": FLAGS.batch_size}
+  t = time.time()
+  d = fvt.decompose(base_tok, target)
+  out["decompose_s"] = time.time() - t
+  emb_in, emb_out = base_tables(base)
+  t = time.time()
+  pieces = new_vocab_pieces(base_tok, target, emb_in, emb_out, hcfg.max_pieces, decomposition=d)
+  out["pieces_s"] = time.time() - t
+  rss0 = _rss_mb()
+  small = new_vocab_pieces(base_tok, target, emb_in, emb_out, hcfg.max_pieces, decomposition=d)
+  # Warm-up: compile the batch shape on a first full vocabulary pass.
+  t = time.time()
+  predict_embeddings(hn, base, base_tok, target, batch_size=FLAGS.batch_size, pieces=small)
+  out["predict_first_s"] = time.time() - t
+  t = time.time()
+  predict_embeddings(hn, base, base_tok, target, batch_size=FLAGS.batch_size, pieces=pieces)
+  out["predict_s"] = time.time() - t
+  out["predict_tokens_per_s"] = int(pieces.predicted.sum()) / out["predict_s"]
+  out["rss_mb_before_predict"], out["rss_mb_peak"] = rss0, _rss_mb()
+  # The training step at the hypernet-demo shapes.
+  cfg = TrainConfig.build(preset="hypernet-demo")
+  job = HypernetJob(model=FLAGS.model, hypernet=hcfg)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  s = Stepper(model, cfg, make_consts(model, cfg, base_tok, base_tok), make_optimizer(cfg))
+  data = HypernetBatches(open_source("default"), base, base_tok, HypernetBatchConfig(
+      batch_size=cfg.shapes.batch_size, teacher_len=cfg.shapes.teacher_len,
+      student_len=cfg.shapes.student_len, vocab_rows=job.vocab_rows), job, seed=0)
+  walls = []
+  for i in range(FLAGS.steps + 1):
+    b = next(data)
+    t = time.time()
+    m = s.step(b)
+    float(m["loss"])
+    if i:
+      walls.append(time.time() - t)
+  out["train_step_s"] = statistics.median(walls)
+  out["host_batch_s"] = data.host_s / data.step
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
