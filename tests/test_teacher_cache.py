@@ -210,6 +210,3 @@ def test_real_transfer_trains_from_a_cache(tmp_path):
   with pytest.raises(tc.TeacherCacheError, match=r"pipeline\.seed: cache 0 vs run 1.*"
                      r"python -m experiments\.cache_teacher .*--seed=1"):
     run_transfer(job, cfg.replace(seed=1), opts("other"))
-  # ... and so is a longer run than the cache holds.
-  with pytest.raises(tc.TeacherCacheError, match=r"this run needs 3.*--steps=3"):
-    run_transfer(job, cfg.replace(steps=3), opts("longer"))
