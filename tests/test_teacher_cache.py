@@ -184,15 +184,22 @@ def test_methods_that_need_the_teacher_distribution_are_refused():
   check_cacheable(TrainConfig.build(**dict(method="alm+sft", add_terms="alm_space=1,hidden=1")))
 
 
-def test_real_transfer_trains_from_a_cache(tmp_path):
-  # SmolLM2-135M -> Qwen3, ALM, 2 steps from a cache built for the run (the parity with
-  # the live teacher is test_training_from_the_cache_equals_the_live_teacher's).
+def test_transfer_trains_from_a_cache_built_by_the_job(tmp_path):
+  # run_transfer end to end on a tiny HF-directory teacher (the parity with the live
+  # teacher is test_training_from_the_cache_equals_the_live_teacher's).
   # pylint: disable=import-outside-toplevel
+  from alm.models.loading import save_model
+  from alm.testing.models import tiny_model
+  from alm.testing.tokenizers import tiny_tokenizer
   from alm.training.trainer import RunOptions
   from alm.training.transfer import TransferJob, build_teacher_cache, run_transfer
+  tok = tiny_tokenizer("bpe", 300)
+  save_model(tiny_model("llama", tok.vocab_size, seed=0), tmp_path / "teacher", tok)
+  tiny_tokenizer("unigram", 280).save_pretrained(tmp_path / "target")
   cfg = TrainConfig.build(method="alm", steps=2, batch_size=2, teacher_len=32, student_len=32,
                           learning_rate=1e-3, warmup_steps=1, lora_rank=4, lora_alpha=4.0)
-  job = TransferJob(eval_batches=1, eval_batch_size=2, export_dir="",
+  job = TransferJob(model=str(tmp_path / "teacher"), target_tokenizer=str(tmp_path / "target"),
+                    eval_batches=1, eval_batch_size=2, export_dir="",
                     teacher_cache=str(tmp_path / "cache"))
   m = build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False)
   assert m["rows"] == 4 and m["complete"] and m["stats"]["teacher_tokens"] > 0
