@@ -87,7 +87,7 @@ def main(argv):
   print(f"\nTeacher cache {FLAGS.out_dir}: {m['rows']} rows in {len(m['shards'])} shard(s), "
         f"{size / 1e6:.1f} MB; {st.get('teacher_tokens', 0)} teacher tokens in "
         f"{st.get('build_s', 0):.1f} s ({st.get('tokens_per_s', 0):.0f} tokens/s); "
-        f"{size / max(st.get("teacher_tokens", 0), 1):.1f} MB per million teacher tokens.")
+        f"{size / max(st.get('teacher_tokens', 0), 1):.1f} MB per million teacher tokens.")
 
 
 if __name__ == "__main__":

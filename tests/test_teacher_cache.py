@@ -217,3 +217,17 @@ def test_transfer_trains_from_a_cache_built_by_the_job(tmp_path):
   with pytest.raises(tc.TeacherCacheError, match=r"pipeline\.seed: cache 0 vs run 1.*"
                      r"python -m experiments\.cache_teacher .*--seed=1"):
     run_transfer(job, cfg.replace(seed=1), opts("other"))
+
+
+def test_the_binary_refuses_a_method_that_needs_the_live_teacher(tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from pathlib import Path  # pylint: disable=import-outside-toplevel
+  r = subprocess.run([sys.executable, "-m", "experiments.cache_teacher", "--method=dskd",
+                      f"--out_dir={tmp_path / 'c'}"], cwd=Path(__file__).resolve().parents[1],
+                     capture_output=True, text=True, timeout=300,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "full distribution" in r.stderr and "dskd" in r.stderr
+  assert not (tmp_path / "c").exists()
