@@ -604,12 +604,9 @@ def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> s
         f"--student_len={cfg.shapes.student_len}", f"--batch_size={cfg.shapes.batch_size}",
         f"--seed={cfg.seed}", f"--steps={cfg.optimizer.steps}",
         f"--constraint={cfg.objective.constraint}", f"--dtype={cfg.shapes.dtype}"]
-  if cfg.objective.method != "alm":
-    a.append(f"--method={cfg.objective.method}")
-  if cfg.objective.add_terms:
-    a.append(f"--add_terms={cfg.objective.add_terms}")
-  if "hidden" in cfg.objective.add_terms:
-    a.append(f"--hidden_layers={cfg.objective.hidden_layers}")
+  # The objective decides which hidden states the cache holds: always spelled out.
+  a += [f"--method={cfg.objective.method}", f"--add_terms={cfg.objective.add_terms}",
+        f"--hidden_layers={cfg.objective.hidden_layers}"]
   if cfg.shapes.teacher_param_dtype != "float32":
     a.append(f"--teacher_param_dtype={cfg.shapes.teacher_param_dtype}")
   if job.pack:
