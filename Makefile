@@ -24,8 +24,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m experiments.transfer_tokenizer --out_dir=runs/demo
 
+# Two pytest workers (one per core of the CI machine); a test file stays on one
+# worker so its module-scoped model loads happen once. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not experiment" tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not experiment" tests
 
 # Skips the tests that load the real models.
 test-fast: $(STAMP)
