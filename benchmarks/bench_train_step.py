@@ -23,7 +23,10 @@ and the ALM / SFT ratios (the paper reports +25% compute, +5% memory).
 too; MinED computes or reads its cached vocabulary map first);
 `--methods=sft,alm@cache,alm` measures ALM from a teacher cache (the teacher's
 path and boundary log-probs read with the batch, SPEC §15) against SFT and
-against ALM with the live teacher.
+against ALM with the live teacher. With --student, a step that never runs the
+separate teacher (SFT, ALM from a cache) does not hold its weights either
+(`AbsentTransformer`, as `run_transfer` builds a cached run), so its memory is
+the student's alone.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from alm.models.loading import load_model
 from alm.tokenization.loading import load_tokenizer
 from alm.training.config import TrainConfig
 from alm.training.optim import make_optimizer
-from alm.training.students import build_distill_model, build_transfer_model
+from alm.training.students import AbsentTransformer, build_distill_model, build_transfer_model
 from alm.tokenization.vocab import shared_boundary_bytes
-from alm.training.step import BATCH_KEYS, Stepper, make_consts, teacher_cache_arrays
+from alm.training.step import (BATCH_KEYS, Objective, Stepper, make_consts,
+                               teacher_cache_arrays)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Teacher model.")
@@ -88,10 +92,15 @@ def bench(name: str, batch: dict, teacher_tok, student_tok) -> dict:
                           train_body=bool(FLAGS.student) and rank == 0,
                           **({"teacher_param_dtype": FLAGS.teacher_param_dtype}
                              if FLAGS.student else {}))
-  teacher, _ = _load(FLAGS.model, jnp.bfloat16 if FLAGS.student
-                     and FLAGS.teacher_param_dtype == "bfloat16" else jnp.float32)
+  t_dtype = (jnp.bfloat16 if FLAGS.student and FLAGS.teacher_param_dtype == "bfloat16"
+             else jnp.float32)
+  teacher, _ = _load(FLAGS.model, t_dtype)
   if FLAGS.student:
-    model = build_distill_model(teacher, teacher_tok, _load(FLAGS.student)[0], student_tok, cfg)
+    # A separate teacher that the step never runs (SFT; ALM from a cache) is not in
+    # memory at all: its config only, as `run_transfer` builds it with a cache.
+    view = (AbsentTransformer(teacher.cfg, t_dtype)
+            if variant == "cache" or not Objective(cfg).needs_teacher else teacher)
+    model = build_distill_model(view, teacher_tok, _load(FLAGS.student)[0], student_tok, cfg)
   else:
     model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
   consts = make_consts(model, cfg, teacher_tok, student_tok)

@@ -11,8 +11,14 @@ shards (`alm.data.teacher_cache`):
       --teacher_cache=runs/cache-qwen3 --out_dir=runs/transfer-cached
 
 Large-to-small distillation: `--student_model=NAME` instead of
-`--target_tokenizer` (then `experiments.distill --teacher_cache=...`); byte
-students: `--target_tokenizer=bytes`.
+`--target_tokenizer` (then `experiments.distill --teacher_cache=...`, which
+never loads the teacher's weights); byte students: `--target_tokenizer=bytes`.
+
+The run's held-out sets (--heldout_data, --extra_heldout, --teacher_samples,
+--eval_batches, --eval_batch_size) are cached too, with the teacher's bits
+per row, so the run's evaluations never run the teacher either; a set added
+later is added by the same command with the new flag (the training rows are
+kept).
 
 The training flags that shape the data (lengths, batch size, seed, steps,
 constraint, packing, dtype; --add_terms and --hidden_layers when the run has
@@ -88,6 +94,8 @@ def main(argv):
         f"{size / 1e6:.1f} MB; {st.get('teacher_tokens', 0)} teacher tokens in "
         f"{st.get('build_s', 0):.1f} s ({st.get('tokens_per_s', 0):.0f} tokens/s); "
         f"{size / max(st.get('teacher_tokens', 0), 1):.1f} MB per million teacher tokens.")
+  sets = ", ".join(f"{label or 'main'} ({rows} rows)" for label, rows in m["heldout"].items())
+  print(f"Held-out sets with the teacher's bits: {sets}.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -184,39 +185,105 @@ def test_methods_that_need_the_teacher_distribution_are_refused():
   check_cacheable(TrainConfig.build(**dict(method="alm+sft", add_terms="alm_space=1,hidden=1")))
 
 
-def test_transfer_trains_from_a_cache_built_by_the_job(tmp_path):
-  # run_transfer end to end on a tiny HF-directory teacher (the parity with the live
-  # teacher is test_training_from_the_cache_equals_the_live_teacher's).
+def _tiny_job_files(tmp_path):
   # pylint: disable=import-outside-toplevel
   from alm.models.loading import save_model
   from alm.testing.models import tiny_model
   from alm.testing.tokenizers import tiny_tokenizer
-  from alm.training.trainer import RunOptions
-  from alm.training.transfer import TransferJob, build_teacher_cache, run_transfer
   tok = tiny_tokenizer("bpe", 300)
   save_model(tiny_model("llama", tok.vocab_size, seed=0), tmp_path / "teacher", tok)
-  tiny_tokenizer("unigram", 280).save_pretrained(tmp_path / "target")
+  target = tiny_tokenizer("unigram", 280)
+  target.save_pretrained(tmp_path / "target")
+  save_model(tiny_model("llama", target.vocab_size, seed=1), tmp_path / "student", target)
+  texts = ["A second domain: numbers 12 34 56 and café.", "Another line of held-out text."]
+  (tmp_path / "other.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def _opts(tmp_path, name):
+  from alm.training.trainer import RunOptions  # pylint: disable=import-outside-toplevel
+  return RunOptions(out_dir=str(tmp_path / name), checkpoint_dir="", progress=False,
+                    tensorboard=False)
+
+
+def _train_losses(run_dir):
+  return [r["loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+          if r["kind"] == "train"]
+
+
+def test_transfer_trains_and_evaluates_from_a_cache_built_by_the_job(tmp_path):
+  # run_transfer end to end on a tiny HF-directory teacher: training and every held-out
+  # set (the main one, another domain, the teacher's samples) read the cache.
+  from alm.training.transfer import TransferJob, build_teacher_cache, run_transfer  # pylint: disable=import-outside-toplevel
+  _tiny_job_files(tmp_path)
   cfg = TrainConfig.build(method="alm", steps=2, batch_size=2, teacher_len=32, student_len=32,
                           learning_rate=1e-3, warmup_steps=1, lora_rank=4, lora_alpha=4.0)
-  job = TransferJob(model=str(tmp_path / "teacher"), target_tokenizer=str(tmp_path / "target"),
-                    eval_batches=1, eval_batch_size=2, export_dir="",
-                    teacher_cache=str(tmp_path / "cache"))
+  live_job = TransferJob(model=str(tmp_path / "teacher"),
+                         target_tokenizer=str(tmp_path / "target"), eval_batches=1,
+                         eval_batch_size=2, export_dir="", teacher_samples=2,
+                         teacher_sample_tokens=48,
+                         extra_heldout=(("other", str(tmp_path / "other.jsonl")),))
+  job = dataclasses.replace(live_job, teacher_cache=str(tmp_path / "cache"))
   m = build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False)
   assert m["rows"] == 4 and m["complete"] and m["stats"]["teacher_tokens"] > 0
+  assert m["heldout"] == {"": 2, "other": 2, "teacher": 2}
   assert build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False) == m  # done
 
-  def opts(name):
-    return RunOptions(out_dir=str(tmp_path / name), checkpoint_dir="", progress=False,
-                      tensorboard=False)
-
-  s = run_transfer(job, cfg, opts("cached"))
-  recs = [json.loads(l) for l in open(tmp_path / "cached" / "metrics.jsonl")]
-  losses = [r["loss"] for r in recs if r["kind"] == "train"]
-  assert len(losses) == 2 and all(np.isfinite(losses)) and s["steps"] == 2
+  cached = run_transfer(job, cfg, _opts(tmp_path, "cached"))
+  live = run_transfer(live_job, cfg, _opts(tmp_path, "live"))
+  assert cached["steps"] == live["steps"] == 2
+  assert _train_losses(tmp_path / "cached") == _train_losses(tmp_path / "live")
+  for sfx in ("", "@other", "@teacher"):
+    # The teacher's bits: the same per-row sums, computed once at build time.
+    assert cached[f"teacher_bpb{sfx}"] == live[f"teacher_bpb{sfx}"], sfx
+    assert cached[f"final_student_bpb{sfx}"] == live[f"final_student_bpb{sfx}"], sfx
   # A run that differs from the cache's (another seed) is refused, with the command.
   with pytest.raises(tc.TeacherCacheError, match=r"pipeline\.seed: cache 0 vs run 1.*"
                      r"python -m experiments\.cache_teacher .*--seed=1"):
-    run_transfer(job, cfg.replace(seed=1), opts("other"))
+    run_transfer(job, cfg.replace(seed=1), _opts(tmp_path, "other-seed"))
+  # A held-out set the cache lacks is refused with the command that adds it, which keeps
+  # the training rows and adds just that set.
+  more = dataclasses.replace(job, extra_heldout=job.extra_heldout + (
+      ("again", str(tmp_path / "other.jsonl")),))
+  with pytest.raises(tc.TeacherCacheError, match=r"no held-out set 'again'.*"
+                     r"--extra_heldout=again="):
+    run_transfer(more, cfg, _opts(tmp_path, "more"))
+  shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("rows-*")}
+  m2 = build_teacher_cache(more, cfg, str(tmp_path / "cache"), progress=False)
+  assert m2["heldout"]["again"] == 2
+  assert shards == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("rows-*")}
+
+
+def test_distillation_from_a_cache_never_loads_the_teacher(tmp_path, monkeypatch):
+  # A separate teacher stays on disk: its config and tokenizer are read, its weights are
+  # not; the run equals the live teacher's.
+  # pylint: disable=import-outside-toplevel
+  from alm.models import loading
+  from alm.training.transfer import TransferJob, build_teacher_cache, run_transfer
+  _tiny_job_files(tmp_path)
+  cfg = TrainConfig.build(method="alm", steps=2, batch_size=2, teacher_len=32, student_len=32,
+                          learning_rate=1e-3, warmup_steps=1, train_embeddings=True)
+  live_job = TransferJob(model=str(tmp_path / "teacher"), student_model=str(tmp_path / "student"),
+                         eval_batches=1, eval_batch_size=2, export_dir="")
+  job = dataclasses.replace(live_job, teacher_cache=str(tmp_path / "cache"))
+  build_teacher_cache(job, cfg, str(tmp_path / "cache"), progress=False)
+  live = run_transfer(live_job, cfg, _opts(tmp_path, "live"))
+  real = loading.load_weights
+  teacher_dir = str(tmp_path / "teacher")
+
+  def student_only(path, **kw):
+    assert str(path) != teacher_dir, "the teacher's weights were loaded"
+    return real(path, **kw)
+
+  monkeypatch.setattr(loading, "load_weights", student_only)
+  cached = run_transfer(job, cfg, _opts(tmp_path, "cached"))
+  assert _train_losses(tmp_path / "cached") == _train_losses(tmp_path / "live")
+  for k in ("teacher_bpb", "init_student_bpb", "final_student_bpb"):
+    assert cached[k] == live[k], k
+  # Replacing the teacher's weights on disk invalidates the cache (its files' hash).
+  w = next((tmp_path / "teacher").glob("*.safetensors"))
+  w.write_bytes(w.read_bytes()[:-1] + b"\x00")
+  with pytest.raises(tc.TeacherCacheError, match="teacher_files"):
+    run_transfer(job, cfg, _opts(tmp_path, "changed"))
 
 
 def test_the_binary_refuses_a_method_that_needs_the_live_teacher(tmp_path):
@@ -231,3 +298,39 @@ def test_the_binary_refuses_a_method_that_needs_the_live_teacher(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "full distribution" in r.stderr and "dskd" in r.stderr
   assert not (tmp_path / "c").exists()
+
+
+def test_each_process_writes_and_reads_its_own_shards(tmp_path, monkeypatch):
+  # Multi-host, simulated: process 1 of 2 builds from its own data shard (half the batch)
+  # into cache-p1.json + rows-p1-*, next to process 0's, and reads back exactly those rows.
+  # pylint: disable=import-outside-toplevel
+  from alm.data.sources import open_source
+  from alm.tokenization.loading import load_tokenizer
+  from alm.training.transfer import TransferJob, _pipeline_config, build_teacher_cache
+  _tiny_job_files(tmp_path)
+  cfg = TrainConfig.build(method="alm", steps=2, batch_size=4, teacher_len=32, student_len=32)
+  job = TransferJob(model=str(tmp_path / "teacher"), target_tokenizer=str(tmp_path / "target"),
+                    eval_batches=1, eval_batch_size=2)
+  out = tmp_path / "cache"
+  rows = {}
+  for proc in (0, 1):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda proc=proc: proc)
+    m = build_teacher_cache(job, cfg, str(out), progress=False)
+    assert m["rows"] == 4  # 2 steps x 2 rows: this process's half of each batch
+    assert {s["file"].split("-")[1] for s in m["shards"]} == {f"p{proc}"}
+    pipe = Pipeline(open_source(job.data), load_tokenizer(job.model),
+                    load_tokenizer(job.target_tokenizer), _pipeline_config(cfg, job))
+    want = [next(pipe) for _ in range(2)]
+    pipe.close()
+    it = tc.TeacherCache(out, process_index=proc).batches(2, steps=2)
+    got = [next(it) for _ in range(2)]
+    for w, g in zip(want, got):
+      for k in BATCH_KEYS:
+        np.testing.assert_array_equal(w[k], g[k])
+    rows[proc] = got
+    assert (out / tc.manifest_name(proc)).exists()
+  assert tc.manifest_name(1) == "cache-p1.json"
+  assert not np.array_equal(rows[0][0]["teacher_ids"], rows[1][0]["teacher_ids"])
+  # Each process's held-out sets too (the same rows on every process).
+  assert (tc.heldout_dir(out, "") / "cache-p1.json").exists()

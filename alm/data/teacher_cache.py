@@ -26,16 +26,24 @@ into place, and the manifest is rewritten after each one (atomically), so an
 interrupted build resumes after its last complete shard and a reader never
 sees half a shard.
 
-Checks: the manifest's fingerprint must equal the run's (teacher weights,
+Checks: the manifest's fingerprint must equal the run's (the teacher's files,
 both vocabularies, data, lengths, chunk constraint, dtype, seed, batch size,
 ...; the differing fields are named with the command that builds the right
 cache); every shard must be present with its recorded size and sha256
 (`verify=True`, read once before training); a run needing more rows than the
 cache holds is refused before it starts. Nothing is recomputed silently.
 
+Held-out sets: `heldout/main/` (the run's held-out data) and `heldout/set-<label>/`
+(each extra set, the teacher's samples) are caches of the same layout whose
+rows are the held-out pipeline's rows with the teacher's bits, bytes and
+tokens of each row (`HELDOUT_BITS_KEY`), so a run's held-out evaluation reads
+the teacher side instead of running it. Each has its own fingerprint (the
+set's data, the evaluation shapes, the teacher and both vocabularies); the
+same build command adds a set that a run needs and the cache lacks.
+
 Multi-host: each process writes and reads its own shards and manifest
 (`cache-p{i}.json`; process 0's is `cache.json`), built from its own data
-shard.
+shard (the held-out sets are the same on every process; each keeps a copy).
 """
 
 from __future__ import annotations
@@ -53,10 +61,14 @@ import numpy as np
 from alm.data.sources import DataError
 
 FORMAT = "alm-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # What a cache row adds to a pipeline row.
 CACHE_KEYS = ("teacher_path_logprobs", "teacher_boundary_logprobs")
 HIDDEN_KEY = "teacher_hidden@{layer}"  # [teacher_len, D] of one teacher layer, when cached
+# A held-out row's teacher side: [3] float32 (bits, predicted bytes, predicted tokens) of
+# the teacher's path (`alm.training.step.path_bits(..., per_row=True)`).
+HELDOUT_BITS_KEY = "teacher_row_bits"
+HELDOUT_DIR = "heldout"
 
 
 class TeacherCacheError(DataError):
@@ -67,23 +79,20 @@ def manifest_name(process_index: int = 0) -> str:
   return "cache.json" if process_index == 0 else f"cache-p{process_index}.json"
 
 
+def heldout_dir(directory, label: str) -> Path:
+  """Where a cache keeps the held-out set `label` ("" is the run's main set)."""
+  if not label:
+    return Path(directory) / HELDOUT_DIR / "main"
+  safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in label)
+  if safe != label:  # two labels never share a directory
+    safe += "-" + hashlib.sha256(label.encode()).hexdigest()[:8]
+  return Path(directory) / HELDOUT_DIR / f"set-{safe}"
+
+
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
   """A short hash of a JSON-serialisable fingerprint (keys sorted)."""
   text = json.dumps(fingerprint, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def weights_digest(model) -> str:
-  """A hash of every array of an NNX module (paths, dtypes, shapes and bytes)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  h = hashlib.blake2b(digest_size=16)
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(nnx.state(model))[0],
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    a = np.asarray(leaf)
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
 
 
 def encode_row(row: dict[str, np.ndarray]) -> bytes:
@@ -309,6 +318,14 @@ class TeacherCache:
       raise TeacherCacheError(f"Row {i} of the teacher cache at {self.dir} cannot be read "
                               f"({e}); the cache is corrupt: build it again.") from None
 
+  def all_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Every row, in order, as batches of `batch_size` (a held-out set's batches)."""
+    if len(self) % batch_size:
+      raise TeacherCacheError(f"The teacher cache at {self.dir} holds {len(self)} rows, not "
+                              f"whole batches of {batch_size}; build it again.")
+    return [next(CacheBatches(self, batch_size, start=i)) for i in range(0, len(self),
+                                                                         batch_size)]
+
   def batches(self, batch_size: int, *, steps: int | None = None) -> "CacheBatches":
     """The cache's rows as batches in order (step k reads rows k*B .. k*B + B - 1)."""
     return CacheBatches(self, batch_size, steps=steps)
@@ -324,8 +341,9 @@ class CacheBatches:
 
   teacher_cache = True  # the trainer's step reads the teacher's outputs from the batches
 
-  def __init__(self, cache: TeacherCache, batch_size: int, *, steps: int | None = None):
-    self.cache, self.batch_size, self.pos = cache, int(batch_size), 0
+  def __init__(self, cache: TeacherCache, batch_size: int, *, steps: int | None = None,
+               start: int = 0):
+    self.cache, self.batch_size, self.pos = cache, int(batch_size), int(start)
     if steps is not None and steps * self.batch_size > len(cache):
       raise TeacherCacheError(
           f"The teacher cache at {cache.dir} holds {len(cache)} rows = "

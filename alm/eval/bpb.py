@@ -43,7 +43,8 @@ class BpbResult:
 
 
 def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
-                  num_bytes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  num_bytes: jax.Array, *, per_row: bool = False
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Bits, target bytes and target tokens of a batch of sequences.
 
   `bits = -Σ_{targets} log p(ids[b, t] | ids[b, <t]) / ln 2`, with the
@@ -57,10 +58,11 @@ def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
     target_mask: bool [B, T], True on the tokens to score (e.g. not special,
       not padding; a pipeline batch's `loss_mask & (num_bytes > 0)`).
     num_bytes: int [B, T] text bytes of each token.
+    per_row: sum each row on its own ([B] arrays) instead of the whole batch.
 
   Returns:
-    (bits, bytes, tokens): float32 scalars summed over the targets; `bits /
-    bytes` is bits per byte.
+    (bits, bytes, tokens): float32 scalars summed over the targets ([B] with
+    `per_row`); `bits / bytes` is bits per byte.
   """
   if not (logits.ndim == 3 and ids.shape == logits.shape[:2] == target_mask.shape
           == num_bytes.shape):
@@ -69,9 +71,10 @@ def sequence_bits(logits: jax.Array, ids: jax.Array, target_mask: jax.Array,
                      f"{num_bytes.shape}.")
   lp = scoring.logit_scores(logits, ids).logprobs  # [B, T], 0 at t = 0
   m = jnp.asarray(target_mask, bool).at[:, 0].set(False)
-  bits = (-jnp.sum(jnp.where(m, lp, 0.0)) / jnp.log(2.0)).astype(jnp.float32)
-  nbytes = jnp.sum(jnp.where(m, num_bytes, 0)).astype(jnp.float32)
-  return bits, nbytes, jnp.sum(m).astype(jnp.float32)
+  axis = 1 if per_row else None
+  bits = (-jnp.sum(jnp.where(m, lp, 0.0), axis=axis) / jnp.log(2.0)).astype(jnp.float32)
+  nbytes = jnp.sum(jnp.where(m, num_bytes, 0), axis=axis).astype(jnp.float32)
+  return bits, nbytes, jnp.sum(m, axis=axis).astype(jnp.float32)
 
 
 def bits_per_byte(model, tokenizer: ByteTokenizer, texts: Sequence[str], *,

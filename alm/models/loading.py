@@ -18,6 +18,7 @@ before any tensor is read), not a `struct.error` or reshape traceback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -402,6 +403,47 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
   raise FileNotFoundError(
       f"Model {s!r} not found: it is neither an existing .gguf file or HF directory (config.json "
       f"+ *.safetensors + tokenizer) nor a known model asset ({', '.join(assets.MODEL_NAMES)}).")
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+  """A model's `ModelConfig` without its weights (config.json or the GGUF metadata).
+
+  Raises:
+    FileNotFoundError / ValueError: as `resolve_model_path`; an HF directory
+      without config.json.
+    ConfigError: a config alm does not handle.
+  """
+  p = resolve_model_path(name_or_path)
+  if p.is_dir():
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+      raise FileNotFoundError(f"{str(p)!r} has no config.json; an HF model directory needs "
+                              "config.json, *.safetensors and a tokenizer file.")
+    return ModelConfig.from_hf_config(json.loads(cfg_path.read_text()))
+  return ModelConfig.from_gguf(GGUFFile(p))
+
+
+def model_files_digest(name_or_path: str | Path) -> str:
+  """A hash of the files that hold a model's weights and config, read without loading it.
+
+  The names and bytes of config.json, the safetensors index and every
+  *.safetensors / *.npy file of an HF directory (or the bytes of a .gguf file):
+  what a teacher cache records of its teacher (`alm.training.transfer.
+  teacher_cache_fingerprint`), so a run that never loads the teacher can
+  still check that the cache was built from the same one.
+  """
+  p = resolve_model_path(name_or_path)
+  files = ([f for f in sorted(p.iterdir()) if f.is_file() and (
+      f.suffix in (".safetensors", ".npy") or f.name in ("config.json",
+                                                          "model.safetensors.index.json"))]
+           if p.is_dir() else [p])
+  h = hashlib.blake2b(digest_size=16)
+  for f in files:
+    h.update(f"{f.name}|{f.stat().st_size}|".encode())
+    with open(f, "rb") as fh:
+      for block in iter(lambda: fh.read(1 << 22), b""):
+        h.update(block)
+  return h.hexdigest()
 
 
 def load_weights(name_or_path: str | Path, *, dtype=jnp.float32,

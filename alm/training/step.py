@@ -71,6 +71,7 @@ def side_inputs(batch: dict[str, jax.Array], side: str) -> dict[str, jax.Array]:
 # log-probs always, the hidden states of chosen layers when built with them.
 CACHE_KEYS = teacher_cache_lib.CACHE_KEYS
 HIDDEN_KEY = teacher_cache_lib.HIDDEN_KEY  # "teacher_hidden@{layer}"
+HELDOUT_BITS_KEY = teacher_cache_lib.HELDOUT_BITS_KEY  # [3] of a cached held-out row
 CACHE_PROVIDES = frozenset({"token_logprobs", "hidden"})
 # A batch's own student vocabulary (alm.hypernet.batches: the hypernetwork student's K
 # local rows): per-batch constants, replicated and shared by the micro-batches, handed to
@@ -495,8 +496,8 @@ class Stepper:
                             self.consts).compile()
 
 
-def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str, *,
+              per_row: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Bits, predicted bytes and predicted tokens of one side of a pipeline batch.
 
   Targets are the side's loss-mask tokens (never position 0, never specials or
@@ -507,12 +508,15 @@ def path_bits(model_fn: Callable, batch: dict[str, jax.Array], side: str
     model_fn: teacher or student (called like a Transformer).
     batch: a pipeline batch.
     side: "teacher" or "student".
+    per_row: each row's sums ([B] arrays): the teacher's held-out bits, which
+      a teacher cache stores per row (`HELDOUT_BITS_KEY`).
 
   Returns:
-    (bits, bytes, tokens) float32 scalars.
+    (bits, bytes, tokens) float32 scalars ([B] with `per_row`).
   """
   ids = batch[f"{side}_ids"]
   out = model_fn(ids, **side_inputs(batch, side), **(vocab_inputs(batch) if side == "student"
                                                       else {}))
   nb = batch[f"{side}_num_bytes"]
-  return sequence_bits(out.logits, ids, batch[f"{side}_loss_mask"] & (nb > 0), nb)
+  return sequence_bits(out.logits, ids, batch[f"{side}_loss_mask"] & (nb > 0), nb,
+                       per_row=per_row)

@@ -87,6 +87,33 @@ class Teacher(nnx.Module):
                               hidden_layers=hidden_layers)
 
 
+class AbsentTransformer(nnx.Module):
+  """A teacher that is not in memory: its config, no weights (SPEC §15).
+
+  A run that reads every teacher output from a teacher cache (a separate
+  teacher, large-to-small distillation) builds its `Teacher` view on this, so
+  the teacher's weights are never loaded; running it is an error.
+
+  Args:
+    cfg: the teacher's `ModelConfig` (`alm.models.loading.load_config`).
+    param_dtype: the dtype its parameters would have.
+  """
+
+  def __init__(self, cfg, param_dtype=jnp.float32):
+    self.cfg = cfg
+    self.param_dtype = param_dtype
+
+  def __call__(self, *args, **kwargs):
+    raise RuntimeError("The teacher is not in memory: this run reads the teacher's outputs "
+                       "from a teacher cache, and something asked to run it. Train without "
+                       "--teacher_cache to run the teacher live.")
+
+
+def teacher_in_memory(model: "DistillationModel") -> bool:
+  """False when the model's teacher is an `AbsentTransformer` (a teacher-cache run)."""
+  return not isinstance(model.teacher.transformer, AbsentTransformer)
+
+
 class DistillationModel(nnx.Module):
   """Teacher, student and the terms' heads of one run (see the module docstring).
 

@@ -49,7 +49,7 @@ from alm.training import step as step_lib
 from alm.training.checkpoint import Checkpointer
 from alm.training.config import TrainConfig
 from alm.training.metrics import MetricsLogger, heldout_suffixes, read_history, write_report
-from alm.training.students import DistillationModel, count_params
+from alm.training.students import DistillationModel, count_params, teacher_in_memory
 from alm.training.optim import learning_rate_schedule, make_optimizer
 from alm.training.rundir import RunLock
 
@@ -207,12 +207,25 @@ class Trainer:
 
     def eval_fn(trainable, frozen, batch, side):
       m = nnx.merge(graphdef, trainable, frozen)
-      return step_lib.path_bits(getattr(m, side), batch, side)
+      # The teacher's sums per row: what a teacher cache's held-out rows store.
+      return step_lib.path_bits(getattr(m, side), batch, side, per_row=side == "teacher")
 
     # The teacher is frozen (every student kind's filter leaves it out), so its
-    # held-out bits are computed once per batch and reused by every later evaluation.
+    # held-out bits are computed once per batch and reused by every later evaluation;
+    # a teacher cache's held-out batches carry them (SPEC §15).
     self._eval = jax.jit(eval_fn, static_argnames=("side",))
     self._teacher_bits: dict[tuple[int, int], np.ndarray] = {}
+    for placed, raw in [(self.eval_batches, eval_batches),
+                        *((self.extra_eval[k], v) for k, v in (extra_eval or {}).items())]:
+      for i, b in enumerate(raw):
+        if step_lib.HELDOUT_BITS_KEY in b:
+          self._teacher_bits[(id(placed), i)] = np.asarray(
+              b[step_lib.HELDOUT_BITS_KEY], np.float64).sum(axis=0)
+        elif not teacher_in_memory(model):
+          raise ValueError("The teacher is not in memory (its outputs come from a teacher "
+                           "cache), so every held-out batch must carry the teacher's bits "
+                           f"({step_lib.HELDOUT_BITS_KEY!r}): take the held-out batches from "
+                           "the cache (alm.data.teacher_cache.TeacherCache.all_batches).")
     ckdir = opts.checkpoint_dir
     if ckdir is None:
       ckdir = str(Path(opts.out_dir) / "checkpoints")
@@ -276,7 +289,7 @@ class Trainer:
       key = (id(batches), i)
       if key not in self._teacher_bits:
         self._teacher_bits[key] = np.asarray(jax.device_get(
-            self._eval(st.trainable, st.frozen, b, side="teacher")), np.float64)
+            self._eval(st.trainable, st.frozen, b, side="teacher")), np.float64).sum(axis=1)
       sums[0] += self._teacher_bits[key]
       sums[1] += np.asarray(jax.device_get(self._eval(st.trainable, st.frozen, b,
                                                       side="student")), np.float64)

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -420,16 +421,24 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
                                             job.text_field)
   _hold_output_dirs(job, opts, command, held)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.shapes.dtype]
-  teacher, teacher_tok = load_model(
-      job.model, dtype=dtype,
-      param_dtype=DTYPES[cfg.shapes.teacher_param_dtype] if separate else jnp.float32)
-  logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
+  t_param_dtype = DTYPES[cfg.shapes.teacher_param_dtype] if separate else jnp.float32
+  if separate and job.teacher_cache:
+    # Every teacher output comes from the cache: the teacher's weights are never loaded.
+    from alm.models.loading import load_config
+    from alm.training.students import AbsentTransformer
+    teacher = AbsentTransformer(load_config(job.model), t_param_dtype)
+    teacher_tok = load_tokenizer(job.model)
+    logging.info("The teacher %s stays out of memory: its outputs come from the teacher "
+                 "cache (%.1fs)", job.model, time.time() - t0)
+  else:
+    teacher, teacher_tok = load_model(job.model, dtype=dtype, param_dtype=t_param_dtype)
+    logging.info("Loaded %s (%.1fs)", job.model, time.time() - t0)
   student = None
   if separate:
     student, student_tok = load_model(job.student_model, dtype=dtype)
     logging.info("Loaded the student %s (%.1fs)", job.student_model, time.time() - t0)
   extra_specs = dict(job.extra_heldout)
-  if job.teacher_samples:
+  if job.teacher_samples and not job.teacher_cache:
     # Sampled before the student exists: the untouched teacher, its own distribution.
     from alm.eval.teacher_samples import teacher_samples_file
     path = teacher_samples_file(job.model, teacher, teacher_tok, num=job.teacher_samples,
@@ -438,17 +447,19 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     extra_srcs[TEACHER_LABEL] = open_source(str(path))
     logging.info("Teacher-sampled held-out set: %s", path)
   fingerprint, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
-  cache = None
+  cache = cached_sets = None
   if job.teacher_cache:
     from alm.data.teacher_cache import TeacherCache, TeacherCacheError
     from alm.training.step import cache_hidden_layers, check_cacheable
     check_cacheable(cfg)
-    # Checked before the student is built: the teacher's weights are still untouched.
     build = cache_build_command(job, cfg, job.teacher_cache)
+    identity = _cache_identity(job, cfg, teacher_tok, student_tok)
     cache = TeacherCache(job.teacher_cache,
-                         teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok,
+                         teacher_cache_fingerprint(job, cfg, teacher.cfg, identity,
                                                    fingerprint),
                          build_command=build, process_index=jax.process_index())
+    # The held-out sets too: their teacher side is read, never run.
+    cached_sets = cached_heldout(job, cfg, identity, build)
     need = cache_hidden_layers(cfg, teacher.cfg)
     if not set(need) <= set(cache.hidden_layers):
       raise TeacherCacheError(
@@ -486,13 +497,19 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     skipped_heldout[f"skipped_heldout_documents{suffix}"] = pipe.num_skipped
     return batches
 
-  heldout = heldout_batches(heldout_src, job.eval_batches, "")
-  # The teacher-sampled set is scored whole; other sets like the main one.
-  n_batches = {label: job.eval_batches for label in extra_srcs}
-  if job.teacher_samples:
-    n_batches[TEACHER_LABEL] = -(-job.teacher_samples // job.eval_batch_size)
-  extra_eval = {label: heldout_batches(src, n_batches[label], f"@{label}")
-                for label, src in extra_srcs.items()}
+  if cached_sets is not None:
+    for label, (_, stats) in cached_sets.items():
+      skipped_heldout[f"skipped_heldout_documents{'@' + label if label else ''}"] = int(
+          stats.get("skipped_documents", 0))
+      if label:
+        extra_specs[label] = stats.get("spec", extra_specs.get(label))
+    heldout = cached_sets[""][0]
+    extra_eval = {label: b for label, (b, _) in cached_sets.items() if label}
+  else:
+    n_batches = {label: n for label, (_, n) in heldout_sets(job).items()}
+    heldout = heldout_batches(heldout_src, n_batches[""], "")
+    extra_eval = {label: heldout_batches(src, n_batches[label], f"@{label}")
+                  for label, src in extra_srcs.items()}
   extra = {"model": job.model, **({"student_model": job.student_model} if separate else
                                    {"target_tokenizer": job.target_tokenizer}),
            "data": job.data,
@@ -560,38 +577,95 @@ def _files_digest(spec: str, text_field: str) -> Any:
   return {"spec": spec, "documents": len(src), "files": out}
 
 
-def teacher_cache_fingerprint(job: TransferJob, cfg: TrainConfig, teacher, teacher_tok,
-                              student_tok, data_fingerprint: dict[str, Any],
-                              hidden_dtype: str = "bfloat16") -> dict[str, Any]:
-  """Everything a teacher cache of this job depends on (SPEC §15).
-
-  The teacher (name and a hash of its weights), both vocabularies, the data
-  (spec, files), the pipeline's options (lengths, batch size, seed, packing,
-  chunk constraint, normalization, ...), the bias tables, the compute dtype
-  and the vocabulary pass's block size; and ("hidden") the teacher layers
-  whose hidden states the run's terms read, with their storage dtype.
-  """
-  from alm.training.step import cache_hidden_layers  # pylint: disable=import-outside-toplevel
+def _cache_identity(job: TransferJob, cfg: TrainConfig, teacher_tok, student_tok
+                    ) -> dict[str, Any]:
+  """What every part of a teacher cache depends on: the teacher (name and a hash of
+  its files: `alm.models.loading.model_files_digest`, read without loading it),
+  both vocabularies, the compute dtype and the teacher's parameter dtype."""
   # pylint: disable=import-outside-toplevel
-  from alm.data.teacher_cache import FORMAT_VERSION, weights_digest
-  from alm.losses.chunks import DEFAULT_BLOCK_ROWS
+  from alm.data.teacher_cache import FORMAT_VERSION
+  from alm.models.loading import model_files_digest
   from alm.training.students import hash_vocab
-  pc = dataclasses.asdict(_pipeline_config(cfg, job))
-  pc.pop("num_workers", None)  # the rows do not depend on it
 
   def vocab(tok):
     h = hashlib.sha256()
     hash_vocab(h, tok)
     return h.hexdigest()[:20]
 
-  return {"version": FORMAT_VERSION, "teacher": job.model, "teacher_weights": weights_digest(teacher),
-          "teacher_vocab": vocab(teacher_tok), "student": _student_spec(job),
-          "student_vocab": vocab(student_tok), "data": data_fingerprint,
+  return {"version": FORMAT_VERSION, "teacher": job.model,
+          "teacher_files": model_files_digest(job.model), "teacher_vocab": vocab(teacher_tok),
+          "student": _student_spec(job), "student_vocab": vocab(student_tok),
+          "dtype": cfg.shapes.dtype, "teacher_param_dtype": cfg.shapes.teacher_param_dtype}
+
+
+def teacher_cache_fingerprint(job: TransferJob, cfg: TrainConfig, teacher_cfg, identity,
+                              data_fingerprint: dict[str, Any],
+                              hidden_dtype: str = "bfloat16") -> dict[str, Any]:
+  """Everything the training rows of a teacher cache depend on (SPEC §15).
+
+  `identity` (`_cache_identity`: the teacher, both vocabularies, dtypes), the
+  data (spec, files), the pipeline's options (lengths, batch size, seed,
+  packing, chunk constraint, normalization, ...), the bias tables and the
+  vocabulary pass's block size; and ("hidden") the teacher layers whose
+  hidden states the run's terms read, with their storage dtype.
+  """
+  from alm.training.step import cache_hidden_layers  # pylint: disable=import-outside-toplevel
+  from alm.losses.chunks import DEFAULT_BLOCK_ROWS  # pylint: disable=import-outside-toplevel
+  pc = dataclasses.asdict(_pipeline_config(cfg, job))
+  pc.pop("num_workers", None)  # the rows do not depend on it
+  return {**identity, "data": data_fingerprint,
           "data_files": _files_digest(job.data, job.text_field), "pipeline": pc,
-          "dtype": cfg.shapes.dtype, "teacher_param_dtype": cfg.shapes.teacher_param_dtype,
           "block_rows": DEFAULT_BLOCK_ROWS,
-          "hidden": {"layers": list(cache_hidden_layers(cfg, teacher.cfg)),
+          "hidden": {"layers": list(cache_hidden_layers(cfg, teacher_cfg)),
                      "dtype": hidden_dtype}}
+
+
+def heldout_sets(job: TransferJob) -> dict[str, tuple[str | None, int]]:
+  """{label: (data spec, batches)} of a job's held-out sets: "" is the main one; the
+  teacher's samples (`teacher_samples`) have spec None (sampled from the teacher)."""
+  sets: dict[str, tuple[str | None, int]] = {"": (job.heldout_data, job.eval_batches)}
+  for label, spec in job.extra_heldout:
+    sets[label] = (spec, job.eval_batches)
+  if job.teacher_samples:  # scored whole
+    sets[TEACHER_LABEL] = (None, -(-job.teacher_samples // job.eval_batch_size))
+  return sets
+
+
+def heldout_cache_fingerprint(job: TransferJob, cfg: TrainConfig, label: str,
+                              identity: dict[str, Any]) -> dict[str, Any]:
+  """What a teacher cache's held-out set `label` depends on: `identity`, the set's
+  data (its files, or the teacher-sampling settings), batches and the evaluation
+  pipeline's options."""
+  spec, n = heldout_sets(job)[label]
+  data = ({"teacher_samples": job.teacher_samples, "tokens": job.teacher_sample_tokens,
+           "seed": 0} if spec is None else
+          {"spec": spec, "files": _files_digest(spec, job.text_field)})
+  return {**identity, "set": label, "data": data, "batches": n,
+          "pipeline": dataclasses.asdict(_pipeline_config(cfg, job, eval_=True))}
+
+
+def cached_heldout(job: TransferJob, cfg: TrainConfig, identity: dict[str, Any],
+                   build_command: str) -> dict[str, tuple[list, dict[str, Any]]]:
+  """{label: (batches, the set's build stats)} of every held-out set of a job, read
+  from its teacher cache (rows with the teacher's bits: no teacher run).
+
+  Raises:
+    TeacherCacheError: a set missing from the cache, another run's, or damaged
+      (the message holds the command that builds it).
+  """
+  # pylint: disable=import-outside-toplevel
+  from alm.data.teacher_cache import TeacherCache, TeacherCacheError, heldout_dir
+  out = {}
+  for label in heldout_sets(job):
+    d = heldout_dir(job.teacher_cache, label)
+    what = f"held-out set {label!r}" if label else "main held-out set"
+    if not d.exists():
+      raise TeacherCacheError(f"The teacher cache at {job.teacher_cache} has no {what} of this "
+                              f"run. Add it (the cached training rows are kept): {build_command}")
+    c = TeacherCache(d, heldout_cache_fingerprint(job, cfg, label, identity),
+                     build_command=build_command, process_index=jax.process_index())
+    out[label] = (c.all_batches(job.eval_batch_size), c.stats)
+  return out
 
 
 def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> str:
@@ -619,6 +693,13 @@ def cache_build_command(job: TransferJob, cfg: TrainConfig, directory: str) -> s
     a.append(f"--bad_documents={job.bad_documents}")
   if job.bias_tables:
     a.append(f"--bias_tables={job.bias_tables}")
+  # The held-out sets (each cached with the teacher's bits).
+  d = TransferJob()
+  for name in ("heldout_data", "eval_batches", "eval_batch_size", "teacher_samples",
+               "teacher_sample_tokens"):
+    if getattr(job, name) != getattr(d, name):
+      a.append(f"--{name}={getattr(job, name)}")
+  a += [f"--extra_heldout={label}={spec}" for label, spec in job.extra_heldout]
   a.append(f"--out_dir={directory}")
   return "python -m experiments.cache_teacher " + " ".join(shlex.quote(x) for x in a)
 
@@ -628,13 +709,16 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
                         progress: bool = True, hidden_dtype: str = "bfloat16"
                         ) -> dict[str, Any]:
   """Writes the teacher cache of a job: `cfg.optimizer.steps` batches of aligned rows
-  with the teacher's path and boundary log-probs (`alm.data.teacher_cache`).
+  with the teacher's path and boundary log-probs, and every held-out set of the job
+  with the teacher's bits per row (`alm.data.teacher_cache`).
 
   Resumable: an interrupted build continues after its last complete shard
-  (the rows before it are re-read from the data pipeline, not recomputed).
+  (the rows before it are re-read from the data pipeline, not recomputed); a
+  complete cache gains the held-out sets it lacks.
 
   Args:
-    job: model, target tokenizer (or student model) and data, as for `run_transfer`.
+    job: model, target tokenizer (or student model), data and held-out sets,
+      as for `run_transfer`.
     cfg: the training config of the run that will read the cache (lengths,
       batch size, seed, steps, chunk constraint, dtype).
     out_dir: the cache directory.
@@ -645,7 +729,8 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
       "float32"), when the run's terms read them (the hidden-state term).
 
   Returns:
-    The manifest (rows, shards, fingerprint, stats: seconds, tokens/s, bytes).
+    The manifest of the training rows (rows, shards, fingerprint, stats:
+    seconds, tokens/s, bytes), with "heldout": {label: rows}.
 
   Raises:
     TeacherCacheError: `out_dir` holds another run's cache.
@@ -654,11 +739,12 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
   from flax import nnx
   from alm.data.pipeline import Pipeline
   from alm.data.sources import open_source
-  from alm.data.teacher_cache import CacheWriter, split_rows, log_manifest
+  from alm.data.teacher_cache import CacheWriter, heldout_dir, split_rows, log_manifest
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
   from alm.tokenization.vocab import shared_boundary_bytes
-  from alm.training.step import BATCH_KEYS, cache_hidden_layers, teacher_cache_arrays
+  from alm.training.step import (BATCH_KEYS, HELDOUT_BITS_KEY, cache_hidden_layers, path_bits,
+                                 teacher_cache_arrays)
   from alm.training.students import DTYPES
   from tqdm.auto import tqdm
 
@@ -676,53 +762,89 @@ def build_teacher_cache(job: TransferJob, cfg: TrainConfig, out_dir: str, *,
   data_fp, align_fn = _data_fingerprint(job, cfg, teacher_tok, student_tok)
   if hidden_dtype not in ("bfloat16", "float32"):
     raise ValueError(f"hidden_dtype must be 'bfloat16' or 'float32', got {hidden_dtype!r}.")
-  fp = teacher_cache_fingerprint(job, cfg, teacher, teacher_tok, student_tok, data_fp,
-                                 hidden_dtype)
+  identity = _cache_identity(job, cfg, teacher_tok, student_tok)
+  fp = teacher_cache_fingerprint(job, cfg, teacher.cfg, identity, data_fp, hidden_dtype)
   layers = cache_hidden_layers(cfg, teacher.cfg)
   pcfg = _pipeline_config(cfg, job)
   b, steps = pcfg.batch_size, cfg.optimizer.steps
-  writer = CacheWriter(out_dir, fp, rows_per_shard=rows_per_shard or 64 * b,
-                       command=command or cache_build_command(job, cfg, out_dir),
-                       process_index=jax.process_index())
+  command = command or cache_build_command(job, cfg, out_dir)
+  proc = jax.process_index()
+  writer = CacheWriter(out_dir, fp, rows_per_shard=rows_per_shard or 64 * b, command=command,
+                       process_index=proc)
   if writer.complete:
-    logging.info("The teacher cache at %s is complete already.", out_dir)
-    return writer.manifest
-  if writer.rows_done % b:
+    logging.info("The training rows of the teacher cache at %s are complete already.",
+                 out_dir)
+  elif writer.rows_done % b:
     raise ValueError(f"{out_dir}: {writer.rows_done} rows done is not a whole number of "
                      f"batches of {b}; delete it and build again.")
-  # The boundary log-probs with the shared boundary bytes of the pair: the mask of every
-  # run that reads them (debiasing, "boundary_prob").
-  mask = jnp.asarray(teacher_tok.boundary_token_mask(shared_boundary_bytes(teacher_tok,
-                                                                           student_tok)))
-  fn = nnx.jit(teacher_cache_arrays, static_argnames=("hidden_layers", "hidden_dtype"))
-  h_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[hidden_dtype]
-  pipe = Pipeline(open_source(job.data, text_field=job.text_field), teacher_tok, student_tok,
-                  pcfg, align_fn=align_fn)
-  done = writer.rows_done // b
-  tokens = 0
-  t1 = time.time()
-  bar = tqdm(total=steps, initial=done, desc="teacher cache", unit="batch", disable=not progress)
-  try:
-    for k in range(steps):
-      batch = next(pipe)
-      if k < done:  # a resumed build: these rows are in the cache already
-        continue
-      arrays = {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
-      got = fn(teacher, arrays, mask, hidden_layers=layers, hidden_dtype=h_dtype)
-      rows = {key: batch[key] for key in BATCH_KEYS}
-      rows.update({key: np.asarray(v) for key, v in got.items()})
-      writer.add(split_rows(rows))
-      tokens += int((batch["teacher_segment_ids"] > 0).sum())
-      bar.update(1)
-      bar.set_postfix(tok_s=f"{tokens / max(time.time() - t1, 1e-9):.0f}")
-  finally:
-    bar.close()
-    pipe.close()
-  secs = time.time() - t1
-  m = writer.finish({"skipped_documents": pipe.num_skipped, "build_s": round(secs, 2),
-                     "teacher_tokens": tokens, "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
-                     "total_s": round(time.time() - t0, 2)})
+  else:
+    # The boundary log-probs with the shared boundary bytes of the pair: the mask of
+    # every run that reads them (debiasing, "boundary_prob").
+    mask = jnp.asarray(teacher_tok.boundary_token_mask(
+        shared_boundary_bytes(teacher_tok, student_tok)))
+    fn = nnx.jit(teacher_cache_arrays, static_argnames=("hidden_layers", "hidden_dtype"))
+    h_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[hidden_dtype]
+    pipe = Pipeline(open_source(job.data, text_field=job.text_field), teacher_tok, student_tok,
+                    pcfg, align_fn=align_fn)
+    done = writer.rows_done // b
+    tokens = 0
+    t1 = time.time()
+    bar = tqdm(total=steps, initial=done, desc="teacher cache", unit="batch",
+               disable=not progress)
+    try:
+      for k in range(steps):
+        batch = next(pipe)
+        if k < done:  # a resumed build: these rows are in the cache already
+          continue
+        arrays = {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
+        got = fn(teacher, arrays, mask, hidden_layers=layers, hidden_dtype=h_dtype)
+        rows = {key: batch[key] for key in BATCH_KEYS}
+        rows.update({key: np.asarray(v) for key, v in got.items()})
+        writer.add(split_rows(rows))
+        tokens += int((batch["teacher_segment_ids"] > 0).sum())
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(time.time() - t1, 1e-9):.0f}")
+    finally:
+      bar.close()
+      pipe.close()
+    secs = time.time() - t1
+    writer.finish({"skipped_documents": pipe.num_skipped, "build_s": round(secs, 2),
+                   "teacher_tokens": tokens,
+                   "tokens_per_s": round(tokens / max(secs, 1e-9), 1),
+                   "total_s": round(time.time() - t0, 2)})
+  m = dict(writer.manifest)
   log_manifest(m)
+  # The held-out sets: the evaluation pipeline's rows with the teacher's bits per row.
+  row_bits = nnx.jit(lambda t, batch: jnp.stack(path_bits(t, batch, "teacher", per_row=True),
+                                                axis=-1))
+  m["heldout"] = {}
+  for label, (spec, n) in heldout_sets(job).items():
+    d = heldout_dir(out_dir, label)
+    hfp = heldout_cache_fingerprint(job, cfg, label, identity)
+    hw = CacheWriter(d, hfp, command=command, rows_per_shard=n * job.eval_batch_size,
+                     process_index=proc)
+    if not hw.complete and hw.rows_done:  # interrupted while finishing: small, so redone
+      shutil.rmtree(d)
+      hw = CacheWriter(d, hfp, command=command, rows_per_shard=n * job.eval_batch_size,
+                       process_index=proc)
+    if not hw.complete:
+      if spec is None:  # the teacher's own samples (a file the live run samples too)
+        from alm.eval.teacher_samples import teacher_samples_file
+        spec = str(teacher_samples_file(job.model, teacher, teacher_tok,
+                                        num=job.teacher_samples,
+                                        max_new_tokens=job.teacher_sample_tokens, seed=0))
+      pipe = Pipeline(open_source(spec, text_field=job.text_field), teacher_tok, student_tok,
+                      _pipeline_config(cfg, job, eval_=True))
+      # A held-out set is one shard, written whole (rows_done is 0 or all of it).
+      for batch in take_batches(pipe, n):
+        bits = np.asarray(row_bits(teacher, {key: jnp.asarray(batch[key])
+                                             for key in BATCH_KEYS}))
+        hw.add(split_rows({**{key: batch[key] for key in BATCH_KEYS},
+                           HELDOUT_BITS_KEY: bits}))
+      hw.finish({"skipped_documents": pipe.num_skipped, "spec": spec})
+      pipe.close()
+      logging.info("Cached held-out set %r: %d rows", label, hw.rows_done)
+    m["heldout"][label] = hw.rows_done
   return m
 
 
