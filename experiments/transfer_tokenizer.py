@@ -54,6 +54,10 @@ flags.DEFINE_string("model", TransferJob.model,
                     "Teacher model: asset name, .gguf file or HF-format directory.")
 flags.DEFINE_string("target_tokenizer", TransferJob.target_tokenizer,
                     "The new tokenizer: asset name or path (tokenizer.json, .model, HF dir).")
+flags.DEFINE_string("init_hypernet", TransferJob.init_hypernet, "Initialise the student's "
+                    "embeddings with this hypernetwork (a zoo name, see experiments.hypernet_zoo "
+                    "--list, or a directory written by experiments.train_hypernet) instead of "
+                    "FVT.")
 cli.define_data_flags(TransferJob)
 cli.define_train_flags(default_preset="demo")
 cli.define_run_flags(default_out_dir="runs/transfer")

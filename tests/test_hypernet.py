@@ -82,6 +82,15 @@ def test_predictions_ignore_padding_and_batching_and_keep_specials(pair):
   np.testing.assert_allclose(np.asarray(hn(noisy, jnp.asarray(p.mask[rows]), heur)),
                              np.asarray(hn(pieces, jnp.asarray(p.mask[rows]), heur)),
                              rtol=1e-5, atol=1e-6)
+  # predict_embeddings reads each piece-count bucket with only that many slots: the same
+  # as every token read with all M slots.
+  rows = np.flatnonzero(p.predicted)
+  assert len(set(p.mask[rows].sum(1).tolist())) >= 3  # several buckets in use
+  full = np.asarray(hn(table[p.ids[rows]] * p.mask[rows][..., None], jnp.asarray(p.mask[rows]),
+                       jnp.concatenate([p.fvt_in[rows], p.fvt_out[rows]], 1)))
+  d = emb_in.shape[1]
+  np.testing.assert_allclose(a_in[rows], full[:, :d], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(a_out[rows], full[:, d:], rtol=1e-5, atol=1e-6)
 
 
 def test_transfer_gives_a_model_of_the_new_tokenizer(pair):

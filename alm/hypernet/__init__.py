@@ -15,6 +15,9 @@ ZeTT-style hypernetworks (`alm.hypernet.hypernet`, docs/method.md §14):
   Hypernetwork, HypernetConfig -- new-token embeddings from base-tokenizer pieces
   predict_embeddings          -- a whole new vocabulary, each token once, in batches
   transfer                    -- the base model moved to a new tokenizer (zero-shot)
+
+The zoo (`alm.hypernet.zoo`): named hypernetworks with the recipes that build them:
+  load                        -- a zoo entry by name (or a trained one by directory)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _LAZY = {
     "HypernetError": "alm.hypernet.hypernet",
     "predict_embeddings": "alm.hypernet.hypernet",
     "transfer": "alm.hypernet.hypernet",
+    "load": "alm.hypernet.zoo",
 }
 
 __all__ = sorted(_LAZY)

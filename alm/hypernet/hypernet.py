@@ -262,6 +262,14 @@ def check_base(hypernet: Hypernetwork, base_tok, emb_in, emb_out) -> None:
         "hypernetwork of this base model, or train one for it.")
 
 
+def piece_buckets(max_pieces: int) -> list[tuple[int, int]]:
+  """(more than, at most) piece counts of the prediction buckets: (0, 1], (1, 2], (2, 4], ..."""
+  edges = [0]
+  while edges[-1] < max_pieces:
+    edges.append(min(max(1, 2 * edges[-1]), max_pieces))
+  return list(zip(edges[:-1], edges[1:]))
+
+
 @nnx.jit
 def _predict(hypernet, table, ids, mask, heuristic):
   pieces = jnp.take(table, ids, axis=0) * mask[..., None]
@@ -273,8 +281,13 @@ def predict_embeddings(hypernet: Hypernetwork, model, base_tok, new_tok, *,
                        ) -> tuple[np.ndarray, np.ndarray | None]:
   """The new vocabulary's (input, output or None) embeddings, each token predicted once.
 
-  Tokens go through the hypernetwork in batches of `batch_size` (one
-  compilation; the last batch padded); special tokens take FVT's embedding.
+  Tokens go through the hypernetwork grouped by their number of pieces
+  (buckets of at most 1, 2, 4, ..., `max_pieces` pieces, each read with only
+  that many slots: the encoder's attention is masked to the real pieces, so
+  the result is the same as with all `max_pieces` slots, at a fraction of the
+  cost — most tokens have 1–3 pieces), in batches of `batch_size` (one
+  compilation per bucket; a bucket's last batch padded); special tokens take
+  FVT's embedding.
 
   Raises:
     HypernetError: another base model than the hypernetwork's, or a new
@@ -287,15 +300,17 @@ def predict_embeddings(hypernet: Hypernetwork, model, base_tok, new_tok, *,
   fvt_all = p.fvt_in if p.fvt_out is None else np.concatenate([p.fvt_in, p.fvt_out], 1)
   heur = fvt_all if hypernet.cfg.residual == "mean" else np.asarray(table)[p.ids[:, 0]]
   out = fvt_all.copy()
-  rows = np.flatnonzero(p.predicted)
-  n = max(1, min(batch_size, len(rows)))
-  for lo in range(0, len(rows), n):
-    r = rows[lo:lo + n]
-    pad = n - len(r)
-    rr = np.concatenate([r, np.repeat(r[-1:], pad)]) if pad else r
-    got = np.asarray(_predict(hypernet, table, jnp.asarray(p.ids[rr]), jnp.asarray(p.mask[rr]),
-                              jnp.asarray(heur[rr])))
-    out[r] = got[:len(r)]
+  count = p.mask.sum(axis=1)
+  for lo_m, m in piece_buckets(p.mask.shape[1]):
+    rows = np.flatnonzero(p.predicted & (count > lo_m) & (count <= m))
+    n = max(1, min(batch_size, len(rows)))
+    for lo in range(0, len(rows), n):
+      r = rows[lo:lo + n]
+      pad = n - len(r)
+      rr = np.concatenate([r, np.repeat(r[-1:], pad)]) if pad else r
+      got = np.asarray(_predict(hypernet, table, jnp.asarray(p.ids[rr, :m]),
+                                jnp.asarray(p.mask[rr, :m]), jnp.asarray(heur[rr])))
+      out[r] = got[:len(r)]
   d = emb_in.shape[1]
   return out[:, :d], (None if emb_out is None else out[:, d:])
 

@@ -174,6 +174,8 @@ def data_job_kwargs(job_cls) -> dict[str, Any]:
             teacher_sample_tokens=FLAGS.teacher_sample_tokens, text_field=FLAGS.text_field,
             bad_documents=FLAGS.bad_documents, text_normalization=FLAGS.text_normalization,
             teacher_cache=FLAGS.teacher_cache)
+  if "init_hypernet" in FLAGS:  # experiments.transfer_tokenizer's
+    kw["init_hypernet"] = FLAGS.init_hypernet
   job_names = {f.name for f in dataclasses.fields(job_cls)}
   kw.update({k: v for k, v in preset_overrides().items() if k in job_names})
   if kw["teacher_samples"] and "teacher" in dict(extra_heldout):
@@ -241,8 +243,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from alm.training.rundir import OutputDirError
   from alm.training.trainer import NonFiniteTrainingError
   from alm.training.transfer import BiasTablesError
+  from alm.hypernet.hypernet import HypernetError
   return (TokenizerError, DataError, CheckpointMismatchError, BiasTablesError, FileNotFoundError,
-          ModelFileError, OutputDirError, NonFiniteTrainingError, TrainConfigError)
+          ModelFileError, OutputDirError, NonFiniteTrainingError, TrainConfigError,
+          HypernetError)
 
 
 def run_from_flags(argv, binary: str, **job_fields: Any) -> None:

@@ -226,16 +226,26 @@ class StudentKind:
 
 @register_kind
 class SharedBody(StudentKind):
-  """Tokenizer transfer: FVT embeddings for the new tokenizer on the teacher's body + LoRA."""
+  """Tokenizer transfer: the new tokenizer's embeddings on the teacher's body + LoRA.
+
+  Args:
+    init: `init(teacher, teacher_tok, student_tok) -> Transformer`, the student
+      with its initial embeddings and the teacher's body shared (default:
+      FVT, `fvt_student`; e.g. a hypernetwork's prediction,
+      `alm.hypernet.transfer`).
+  """
 
   name = "shared_body"
+
+  def __init__(self, init=None):
+    self.init = init or fvt_student
 
   def build(self, teacher, teacher_tok, student_tok, adapters, rngs):
     if adapters.train_body:
       raise TrainConfigError("train_body is not possible with a shared-body student: the "
                              "teacher is the same weights. Use lora_rank > 0, or distil into "
                              "a separate student (experiments/distill.py).")
-    student = fvt_student(teacher, teacher_tok, student_tok)
+    student = self.init(teacher, teacher_tok, student_tok)
     if adapters.lora_rank:
       lora_lib.apply_lora(teacher, lora_lib.LoRAConfig(rank=adapters.lora_rank,
                                                        alpha=adapters.lora_alpha), rngs=rngs)
@@ -325,9 +335,10 @@ def build_model(kind: StudentKind, teacher: Transformer, teacher_tok: ByteTokeni
 
 
 def build_transfer_model(teacher: Transformer, teacher_tok: ByteTokenizer,
-                         student_tok: ByteTokenizer, cfg: TrainConfig) -> DistillationModel:
-  """Tokenizer transfer's model: `build_model(SharedBody(), ...)`."""
-  return build_model(SharedBody(), teacher, teacher_tok, student_tok, cfg)
+                         student_tok: ByteTokenizer, cfg: TrainConfig, *,
+                         init=None) -> DistillationModel:
+  """Tokenizer transfer's model: `build_model(SharedBody(init), ...)` (FVT by default)."""
+  return build_model(SharedBody(init), teacher, teacher_tok, student_tok, cfg)
 
 
 def build_distill_model(teacher: Transformer, teacher_tok: ByteTokenizer, student: Transformer,

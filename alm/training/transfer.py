@@ -83,6 +83,9 @@ class TransferJob:
       model loads).
     text_normalization: "auto" (NFC when either tokenizer NFC-normalizes),
       "nfc" or "none"; see `alm.data.pipeline.PipelineConfig`.
+    init_hypernet: a hypernetwork (zoo name or directory, `alm.hypernet.load`)
+      that predicts the student's initial embeddings instead of FVT (tokenizer
+      transfer only; "" : FVT).
     teacher_cache: a teacher cache directory (`build_teacher_cache`,
       `python -m experiments.cache_teacher`): training reads its rows and the
       teacher's outputs instead of running the data pipeline and the teacher
@@ -108,6 +111,7 @@ class TransferJob:
   bad_documents: str = "skip"
   text_normalization: str = "auto"
   teacher_cache: str = ""
+  init_hypernet: str = ""
 
   def __post_init__(self):
     # pylint: disable=import-outside-toplevel
@@ -124,6 +128,9 @@ class TransferJob:
     if self.teacher_samples < 0 or self.teacher_sample_tokens < 8:
       raise ValueError(f"teacher_samples must be >= 0 and teacher_sample_tokens >= 8, got "
                        f"{self.teacher_samples} and {self.teacher_sample_tokens}.")
+    if self.init_hypernet and (self.student_model or self.target_tokenizer == "bytes"):
+      raise ValueError("init_hypernet initialises a tokenizer-transfer student's embeddings; "
+                       "it does not apply to a separate student or a byte student.")
     if self.teacher_samples and TEACHER_LABEL in dict(self.extra_heldout):
       raise ValueError(f"The held-out label {TEACHER_LABEL!r} is taken by teacher_samples; "
                        "rename that extra held-out set.")
@@ -396,6 +403,10 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
                     "uses them.", job.bias_tables)
   separate = bool(job.student_model)
   to_bytes = not separate and job.target_tokenizer == "bytes"
+  hn = None
+  if job.init_hypernet:  # read (and checked) before the model loads
+    from alm.hypernet import load as load_hypernet
+    hn = load_hypernet(job.init_hypernet)
   # The student's tokenizer (a separate student's own, read without its weights; a byte
   # student's: the bytes + the teacher's specials).
   if to_bytes:
@@ -479,6 +490,14 @@ def _run_transfer(job: TransferJob, cfg: TrainConfig, opts: RunOptions, command:
     logging.info("Built the byte student (n-gram embeddings: %s; body: %s) (%.1fs)",
                  cfg.adapters.ngram_embeddings, "copied" if cfg.adapters.train_body else
                  "shared + LoRA", time.time() - t0)
+  elif job.init_hypernet:
+    from alm.hypernet import transfer as hypernet_transfer
+    model = build_transfer_model(
+        teacher, teacher_tok, student_tok, cfg,
+        init=lambda t, tt, st: hypernet_transfer(t, tt, st, hn))
+    fingerprint["init_hypernet"] = job.init_hypernet
+    logging.info("Built the student for %s with embeddings predicted by the hypernetwork "
+                 "%s (%.1fs)", job.target_tokenizer, job.init_hypernet, time.time() - t0)
   else:
     model = build_transfer_model(teacher, teacher_tok, student_tok, cfg)
     logging.info("Built the FVT student for %s (%.1fs)", job.target_tokenizer,

@@ -1,0 +1,172 @@
+"""The hypernetwork zoo: named hypernetworks, each with the recipe that trains it.
+
+  import alm.hypernet
+  hn = alm.hypernet.load("smollm2-135m-unigram")         # a built entry
+  student = alm.hypernet.transfer(base, base_tok, new_tok, hn)
+
+  python -m experiments.hypernet_zoo --list                          # names, status, tables
+  python -m experiments.hypernet_zoo --build=smollm2-135m-unigram    # train it, offline
+
+An entry names its base model, the tokenizer distribution it was trained on
+(the sampler's settings, SPEC §11), its recipe (the `experiments.
+train_hypernet` flags) and, once built, its directory in the local zoo
+(`$ALM_ZOO_DIR`, default `<alm cache>/hypernet_zoo/<name>/`): the training
+run itself — orbax checkpoints (so an interrupted build resumes), metrics,
+report.md, summary.json — and the hypernetwork (`hypernet/`: safetensors +
+json, `alm.hypernet.student.load_hypernet`). The zero-shot evaluation of an
+entry (`python -m experiments.hypernet_zero_shot --hypernet=NAME`) writes its
+table next to it (`zero_shot.md`), which `--list` shows.
+
+Why the recipe and not the weights: nothing here can be downloaded, so the
+zoo ships what rebuilds each entry bit for bit on any machine (the runs are
+deterministic from their seed), and the numbers measured on the entries we
+built are in README.md / BUILD_NOTES.md with their commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from alm.hypernet.hypernet import HypernetError
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+  """A named hypernetwork and its recipe.
+
+  Attributes:
+    name: the zoo name.
+    model: the base model (asset name).
+    distribution: the tokenizer distribution it is trained on, in words.
+    flags: the `experiments.train_hypernet` flags of its recipe (the output
+      directories are the zoo's).
+    note: what to expect (time on the 2-core CI-class machine, etc.).
+  """
+
+  name: str
+  model: str
+  distribution: str
+  flags: tuple[str, ...]
+  note: str = ""
+
+  def command(self, zoo: str | Path | None = None) -> list[str]:
+    """The command line that builds (or resumes building) this entry."""
+    d = entry_dir(self.name, zoo)
+    return [sys.executable, "-m", "experiments.train_hypernet", f"--model={self.model}",
+            *self.flags, f"--out_dir={d}", f"--export_dir={d / 'hypernet'}"]
+
+  def command_text(self) -> str:
+    return "python -m experiments.hypernet_zoo --build=" + shlex.quote(self.name)
+
+
+_SAMPLED = ("ZeTT Unigram tokenizers sampled each step from the substrings of the last 64 "
+            "training documents of the default corpus (log-normal noise sigma 1, up to "
+            "{v} pieces of <= 16 characters + the 256 bytes; SmolLM2's byte-level "
+            "pre-tokenizer)")
+
+ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
+    ZooEntry(
+        name="smollm2-135m-unigram",
+        model="smollm2-135m-instruct",
+        distribution=_SAMPLED.format(v=4096),
+        flags=("--preset=hypernet-demo", "--steps=300", "--learning_rate=3e-4",
+               "--warmup_steps=15", "--vocab_rows=1024", "--sampler_vocab_size=4096",
+               "--eval_tokenizers=qwen3", "--eval_batches=2", "--checkpoint_every=25",
+               "--seed=0"),
+        note="CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."),
+)}
+
+
+def names() -> list[str]:
+  """The zoo's entry names."""
+  return sorted(ENTRIES)
+
+
+def entry(name: str) -> ZooEntry:
+  """The entry called `name`.
+
+  Raises:
+    HypernetError: no such entry (lists the names).
+  """
+  if name not in ENTRIES:
+    raise HypernetError(f"No hypernetwork called {name!r} in the zoo; the zoo has: "
+                        f"{', '.join(names())}. (A directory written by "
+                        "experiments.train_hypernet loads by its path.)")
+  return ENTRIES[name]
+
+
+def zoo_dir() -> Path:
+  """The local zoo: `$ALM_ZOO_DIR`, default `<alm cache>/hypernet_zoo`."""
+  if os.environ.get("ALM_ZOO_DIR"):
+    return Path(os.environ["ALM_ZOO_DIR"]).expanduser()
+  from alm import assets  # pylint: disable=import-outside-toplevel
+  return assets.cache_dir() / "hypernet_zoo"
+
+
+def entry_dir(name: str, zoo: str | Path | None = None) -> Path:
+  """Where entry `name` lives in the zoo `zoo` (default `zoo_dir()`)."""
+  return (Path(zoo) if zoo is not None else zoo_dir()) / name
+
+
+def is_built(name: str) -> bool:
+  d = entry_dir(entry(name).name)
+  return (d / "hypernet" / "hypernet.json").exists()
+
+
+def load(name_or_dir: str):
+  """A zoo hypernetwork by name (or one written by `experiments.train_hypernet`, by path).
+
+  Raises:
+    HypernetError: an unknown name (lists the zoo's names), or an entry not
+      built yet (gives the command that builds it).
+  """
+  from alm.hypernet.student import load_hypernet  # pylint: disable=import-outside-toplevel
+  p = Path(str(name_or_dir)).expanduser()
+  if p.is_dir():
+    return load_hypernet(p / "hypernet" if (p / "hypernet").is_dir() else p)
+  e = entry(str(name_or_dir))
+  if not is_built(e.name):
+    raise HypernetError(f"The zoo entry {e.name!r} is not built in {zoo_dir()} yet. Build it "
+                        f"(offline, resumable; {e.note}): {e.command_text()}")
+  return load_hypernet(entry_dir(e.name) / "hypernet")
+
+
+def build(name: str, *, extra_flags: tuple[str, ...] = ()) -> Path:
+  """Trains (or finishes training) a zoo entry from its recipe; returns its directory.
+
+  Runs `experiments.train_hypernet` with the entry's flags (plus `extra_flags`)
+  into the zoo directory, so an interrupted build resumes from its last
+  checkpoint.
+
+  Raises:
+    HypernetError: an unknown name.
+    subprocess.CalledProcessError: the training run failed (its output is shown).
+  """
+  e = entry(name)
+  d = entry_dir(e.name)
+  d.mkdir(parents=True, exist_ok=True)
+  subprocess.run([*e.command(), *extra_flags], check=True,
+                 cwd=Path(__file__).resolve().parents[2])
+  return d
+
+
+def describe() -> str:
+  """The zoo as text: each entry, its status and (when measured) its zero-shot table."""
+  lines = [f"Hypernetwork zoo ({zoo_dir()}):"]
+  for n in names():
+    e = ENTRIES[n]
+    built = is_built(n)
+    lines += [f"\n{n}  [{'built' if built else 'not built'}]", f"  base: {e.model}",
+              f"  tokenizers: {e.distribution}", f"  recipe: {e.note} Build: {e.command_text()}",
+              f"    = python -m experiments.train_hypernet --model={e.model} "
+              + " ".join(e.flags)]
+    table = entry_dir(n) / "zero_shot.md"
+    if table.exists():
+      lines += ["  zero-shot (measured here):"] + ["    " + l for l in
+                                                   table.read_text().splitlines()]
+  return "\n".join(lines)
