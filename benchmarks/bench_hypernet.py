@@ -1,12 +1,12 @@
 """Hypernetworks: time and memory to predict a whole vocabulary, and the training step.
 
   python -m benchmarks.bench_hypernet [--model=smollm2-135m-instruct --target=qwen3 \\
-      --batch_size=4096 --hypernet_dim=0 --steps=3]
+      --batch_size=4096 --hypernet_dim=0 --steps=3 --vocab_rows=4096]
 
 Reports, in one run:
   * the decomposition of the target vocabulary by the base tokenizer (host),
-  * `predict_embeddings` of every target token (each once, in batches of
-    --batch_size): wall time (after a warm-up batch compiles), tokens/s, and
+  * `predict_embeddings` of every target token (each once, bucketed by piece
+    count, in batches of --batch_size): wall time (after a warm-up batch compiles), tokens/s, and
     the peak resident memory of the process (`ru_maxrss`) before and after;
   * the train step of `experiments.train_hypernet` (the hypernet-demo shapes):
     median wall time over --steps after one compiling step, and the host time
@@ -44,6 +44,8 @@ flags.DEFINE_string("target", "qwen3", "The vocabulary to predict.")
 flags.DEFINE_integer("batch_size", 4096, "Tokens per hypernetwork call.")
 flags.DEFINE_integer("hypernet_dim", 0, "Hypernetwork width (0: the base's).")
 flags.DEFINE_integer("steps", 3, "Timed training steps.")
+flags.DEFINE_integer("vocab_rows", HypernetJob.vocab_rows, "K: rows of each training batch's "
+                     "vocabulary (its tokens + negatives).")
 
 
 def _rss_mb() -> float:
@@ -78,7 +80,7 @@ def main(argv):
   out["rss_mb_before_predict"], out["rss_mb_peak"] = rss0, _rss_mb()
   # The training step at the hypernet-demo shapes.
   cfg = TrainConfig.build(preset="hypernet-demo")
-  job = HypernetJob(model=FLAGS.model, hypernet=hcfg)
+  job = HypernetJob(model=FLAGS.model, hypernet=hcfg, vocab_rows=FLAGS.vocab_rows)
   model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
   s = Stepper(model, cfg, make_consts(model, cfg, base_tok, base_tok), make_optimizer(cfg))
   data = HypernetBatches(open_source("default"), base, base_tok, HypernetBatchConfig(

@@ -64,8 +64,30 @@ def test_sampled_tokenizers_are_deterministic_lossless_and_keep_specials(base, t
   assert (~p.predicted).sum() == 21 + len(a.special_ids)
 
 
+def test_sentencepiece_style_bases_get_byte_fallback_tokenizers(texts):
+  # Gemma 3: spaces as "▁", no pre-tokenizer, 256 <0xXX> byte-fallback tokens.
+  base = load_tokenizer("gemma3-270m")
+  got = substring_counts(base, ["the then", "the"], max_piece_chars=3)
+  # Words "the", "▁then", "the": single characters count too (no byte alphabet here).
+  assert got["t"] == 3 and got["the"] == 3 and got["▁th"] == 1 and got["▁"] == 1
+  cfg = SamplerConfig(vocab_size=3000)
+  a = sample_tokenizer(base, texts, seed=0, cfg=cfg)
+  assert a.token_bytes == sample_tokenizer(base, texts, seed=0, cfg=cfg).token_bytes
+  assert a.token_bytes != sample_tokenizer(base, texts, seed=1, cfg=cfg).token_bytes
+  ids = [a.hf_tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+  assert None not in ids and [a.token_bytes[i] for i in ids] == [bytes([b]) for b in range(256)]
+  for text in ["Hello wörld 🙂 a\tb\n\n  c", "\x00\x7f\u0600 ÿ", " lead", "trail  ",
+               texts[3][:500]]:
+    e = a.encode(text)
+    assert b"".join(a.token_bytes[i] for i in e.ids if i not in a.special_ids) == \
+        text.encode("utf-8"), text
+  assert a.bos_id is not None and a.add_bos == base.add_bos
+  # Gemma's vocabulary spells every sampled token (it has every byte).
+  assert fvt.decompose(base, a).counts()["mean_of_all"] == 0
+
+
 def test_a_base_without_byte_level_pretokenizer_is_refused():
-  with pytest.raises(TokenizerError, match="HF byte-level base"):
+  with pytest.raises(TokenizerError, match="HF byte-level or SentencePiece-style base"):
     sample_tokenizer(GreedyTokenizer(["ab"]), ["x"], seed=0)
   with pytest.raises(ValueError, match="vocab_size must be >= 1"):
     SamplerConfig(vocab_size=0)

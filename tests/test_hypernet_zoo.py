@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_unknown_and_unbuilt_names_are_named(tmp_path, monkeypatch):
   monkeypatch.setenv("ALM_ZOO_DIR", str(tmp_path / "zoo"))
-  with pytest.raises(HypernetError, match="no-such.*the zoo has: smollm2-135m-unigram"):
+  with pytest.raises(HypernetError,
+                     match="no-such.*the zoo has: gemma3-270m-unigram, smollm2-135m-unigram"):
     zoo.load("no-such")
   with pytest.raises(HypernetError, match=r"not built.*experiments\.hypernet_zoo "
                      r"--build=smollm2-135m-unigram"):

@@ -11,8 +11,14 @@ log-probabilities `log(score / total)`. The base's special tokens are added
 with the same roles. Deterministic from the seed; built with the `tokenizers`
 library (the Unigram model, no training loop).
 
-Byte-level bases (SmolLM2, Qwen3, Llama 3: a `ByteLevel` pre-tokenizer) are
-supported; a base without one is refused with a clear error.
+Two kinds of base are supported. Byte-level bases (SmolLM2, Qwen3, Llama 3: a
+`ByteLevel` pre-tokenizer): pieces are byte-level strings and the 256 byte
+symbols are the alphabet. SentencePiece-style bases with byte fallback
+(Gemma 3: spaces as "▁", `<0x00>`..`<0xFF>` byte tokens): pieces are
+substrings of the "▁"-normalised words (a word starts at a "▁"), single
+characters included, and the 256 byte-fallback tokens stand in for any
+character that is not a piece, so every text stays encodable losslessly.
+Any other base is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import collections
 import dataclasses
 import json
 import math
+import re
 from typing import Iterable
 
 import numpy as np
@@ -58,32 +65,51 @@ def _state(component):
   return None if component is None else json.loads(component.__getstate__())
 
 
-def _check_base(base) -> tokenizers.Tokenizer:
+_SPM_BYTES = [f"<0x{b:02X}>" for b in range(256)]
+_SPM_WORD = re.compile("\u2581[^\u2581]*|[^\u2581]+")
+
+
+def _check_base(base) -> tuple[tokenizers.Tokenizer, str]:
+  """(the base's HF tokenizer, "bytelevel" or "sentencepiece")."""
   hf = getattr(base, "hf_tokenizer", None)
   if hf is None:
-    raise TokenizerError(f"The tokenizer sampler needs an HF byte-level base tokenizer; "
-                         f"{getattr(base, 'name', base)!r} is a {type(base).__name__}.")
+    raise TokenizerError(f"The tokenizer sampler needs an HF byte-level or SentencePiece-style "
+                         f"base tokenizer; {getattr(base, 'name', base)!r} is a "
+                         f"{type(base).__name__}.")
   pre = json.dumps(_state(hf.pre_tokenizer) or {})
-  if '"ByteLevel"' not in pre:
-    raise TokenizerError(
-        f"The tokenizer sampler supports byte-level bases (a ByteLevel pre-tokenizer: "
-        f"SmolLM2, Qwen3, Llama 3); {getattr(base, 'name', 'this base')!r} has none.")
-  return hf
+  if '"ByteLevel"' in pre:
+    return hf, "bytelevel"
+  if all(hf.token_to_id(b) is not None for b in _SPM_BYTES):
+    return hf, "sentencepiece"
+  raise TokenizerError(
+      f"The tokenizer sampler supports byte-level bases (a ByteLevel pre-tokenizer: SmolLM2, "
+      f"Qwen3, Llama 3) and SentencePiece-style bases with the 256 byte-fallback tokens "
+      f"(Gemma 3); {getattr(base, 'name', 'this base')!r} is neither.")
+
+
+def _words(hf, kind: str, text: str) -> list[str]:
+  if hf.normalizer is not None:
+    text = hf.normalizer.normalize_str(text)
+  if hf.pre_tokenizer is not None:
+    return [w for w, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
+  if kind == "sentencepiece":  # no pre-tokenizer (Gemma): a word starts at a "▁"
+    return _SPM_WORD.findall(text.replace(" ", "\u2581"))
+  return [text]
 
 
 def substring_counts(base, texts: Iterable[str], max_piece_chars: int) -> collections.Counter:
-  """Counts of every substring (<= max_piece_chars) of every pretoken of `texts`."""
-  hf = _check_base(base)
+  """Counts of every substring (<= max_piece_chars) of every pretoken of `texts`
+  (byte-level bases: of 2 symbols or more, the single ones being the alphabet)."""
+  hf, kind = _check_base(base)
+  shortest = 2 if kind == "bytelevel" else 1
   words: collections.Counter = collections.Counter()
   for text in texts:
-    if hf.normalizer is not None:
-      text = hf.normalizer.normalize_str(text)
-    words.update(w for w, _ in hf.pre_tokenizer.pre_tokenize_str(text))
+    words.update(_words(hf, kind, text))
   counts: collections.Counter = collections.Counter()
   for w, c in words.items():
     n = len(w)
     for i in range(n):
-      for j in range(i + 2, min(n, i + max_piece_chars) + 1):  # single symbols: the alphabet
+      for j in range(i + shortest, min(n, i + max_piece_chars) + 1):
         counts[w[i:j]] += c
   return counts
 
@@ -101,18 +127,21 @@ def sample_tokenizer(base, texts: Iterable[str], seed: int,
 
   Returns:
     An `alm.tokenization.hf.HFTokenizer` (lossless: every text is encodable
-    from the 256 byte symbols) with the base's specials, BOS/EOS roles and
-    `add_bos`.
+    from the 256 byte symbols or byte-fallback tokens) with the base's
+    specials, BOS/EOS roles and `add_bos`.
 
   Raises:
-    TokenizerError: a base that is not an HF byte-level tokenizer.
+    TokenizerError: a base that is neither an HF byte-level tokenizer nor a
+      SentencePiece-style one with byte fallback.
   """
   from alm.tokenization.hf import HFTokenizer  # pylint: disable=import-outside-toplevel
   cfg = cfg or SamplerConfig()
-  hf = _check_base(base)
+  hf, kind = _check_base(base)
   counts = substring_counts(base, texts, cfg.max_piece_chars)
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  items = sorted((p, c) for p, c in counts.items() if c >= cfg.min_count)
+  alphabet = (sorted(pre_tokenizers.ByteLevel.alphabet()) if kind == "bytelevel"
+              else _SPM_BYTES)
+  items = sorted((p, c) for p, c in counts.items()
+                 if c >= cfg.min_count and p not in _SPM_BYTES)
   rng = np.random.default_rng(seed)
   pieces = np.array([p for p, _ in items], dtype=object)
   scores = np.array([c * len(p) for p, c in items], np.float64)
@@ -125,7 +154,13 @@ def sample_tokenizer(base, texts: Iterable[str], seed: int,
   # The byte symbols: always present, scored below every other piece.
   vocab = [(ch, math.log(floor / total) - 10.0) for ch in alphabet]
   vocab += [(p, math.log(s / total)) for p, s in chosen]
-  tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=None, byte_fallback=False))
+  if kind == "sentencepiece":  # the byte-fallback tokens replace what no piece spells
+    unk = getattr(hf.model, "unk_token", None) or "<unk>"
+    vocab = [(unk, 0.0)] + vocab
+    model = models.Unigram(vocab, unk_id=0, byte_fallback=True)
+  else:
+    model = models.Unigram(vocab, unk_id=None, byte_fallback=False)
+  tok = tokenizers.Tokenizer(model)
   tok.normalizer = hf.normalizer
   tok.pre_tokenizer = hf.pre_tokenizer
   tok.decoder = hf.decoder

@@ -66,18 +66,25 @@ class ZooEntry:
 
 _SAMPLED = ("ZeTT Unigram tokenizers sampled each step from the substrings of the last 64 "
             "training documents of the default corpus (log-normal noise sigma 1, up to "
-            "{v} pieces of <= 16 characters + the 256 bytes; SmolLM2's byte-level "
-            "pre-tokenizer)")
+            "{v} pieces of <= 16 characters + {bytes})")
+_RECIPE = ("--preset=hypernet-demo", "--steps=300", "--learning_rate=3e-4", "--warmup_steps=15",
+           "--vocab_rows=1024", "--sampler_vocab_size=4096", "--eval_tokenizers=qwen3",
+           "--eval_batches=2", "--checkpoint_every=25", "--seed=0")
 
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry(
         name="smollm2-135m-unigram",
         model="smollm2-135m-instruct",
-        distribution=_SAMPLED.format(v=4096),
-        flags=("--preset=hypernet-demo", "--steps=300", "--learning_rate=3e-4",
-               "--warmup_steps=15", "--vocab_rows=1024", "--sampler_vocab_size=4096",
-               "--eval_tokenizers=qwen3", "--eval_batches=2", "--checkpoint_every=25",
-               "--seed=0"),
+        distribution=_SAMPLED.format(v=4096, bytes="the 256 byte symbols; SmolLM2's "
+                                     "byte-level pre-tokenizer"),
+        flags=_RECIPE,
+        note="CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."),
+    ZooEntry(
+        name="gemma3-270m-unigram",
+        model="gemma3-270m",
+        distribution=_SAMPLED.format(v=4096, bytes="the 256 byte-fallback tokens; Gemma's "
+                                     "'▁' spaces, SentencePiece-style"),
+        flags=_RECIPE,
         note="CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."),
 )}
 
