@@ -96,12 +96,13 @@ def _piece_to_id(tok: ByteTokenizer) -> dict[bytes, int]:
   return out
 
 
-def decompose(old: ByteTokenizer, new: ByteTokenizer) -> Decomposition:
+def decompose(old: ByteTokenizer, new: ByteTokenizer, *, log: bool = True) -> Decomposition:
   """Decomposes every new token into old ids (see the module docstring).
 
   Args:
     old: the tokenizer the embeddings belong to.
     new: the tokenizer to initialise embeddings for.
+    log: log the counts of each kind of row.
 
   Returns:
     The decomposition (shared by the input and output embeddings).
@@ -175,8 +176,9 @@ def decompose(old: ByteTokenizer, new: ByteTokenizer) -> Decomposition:
   offsets = np.concatenate([[0], np.cumsum(lens)])
   flat = np.fromiter((i for p in parts for i in p), np.int32, int(offsets[-1]))
   d = Decomposition(offsets=offsets, flat=flat, kind=kind)
-  logging.info("FVT %s -> %s: %s", getattr(old, "name", "old"), getattr(new, "name", "new"),
-               d.counts())
+  if log:
+    logging.info("FVT %s -> %s: %s", getattr(old, "name", "old"), getattr(new, "name", "new"),
+                 d.counts())
   return d
 
 

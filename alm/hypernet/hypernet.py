@@ -203,15 +203,17 @@ class Pieces:
 
 
 def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray | None,
-                     max_pieces: int, *, decomposition: fvt.Decomposition | None = None) -> Pieces:
-  """Decomposes every new token by the base tokenizer (see `Pieces`).
+                     max_pieces: int, *, decomposition: fvt.Decomposition | None = None,
+                     log: bool = True) -> Pieces:
+  """Decomposes every new token by the base tokenizer (see `Pieces`; `log`: log the
+  decomposition's counts and the tokens left to FVT's fallback).
 
   Raises:
     HypernetError: more than `MAX_UNSPELLABLE` of the new vocabulary cannot be
       spelled by the base tokenizer (no decomposition), naming examples.
   """
   fvt.check_embedding_rows(emb_in.shape[0], base_tok)
-  d = fvt.decompose(base_tok, new_tok) if decomposition is None else decomposition
+  d = fvt.decompose(base_tok, new_tok, log=log) if decomposition is None else decomposition
   fvt.check_decomposition(d, new_tok, emb_in.shape[0])
   special = np.zeros(new_tok.vocab_size, bool)
   special[list(new_tok.special_ids)] = True
@@ -230,8 +232,9 @@ def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray 
           "those tokens.")
     # A few byte values a base vocabulary lacks (SmolLM2: 21, never in valid UTF-8 text or
     # rare controls): not predicted, FVT's fallback (the mean of all embeddings).
-    logging.warning("%s; they keep FVT's fallback embedding (the mean of all), not a "
-                    "prediction.", what)
+    if log:
+      logging.warning("%s; they keep FVT's fallback embedding (the mean of all), not a "
+                      "prediction.", what)
     special = special | (lens == 0)
   m = max_pieces
   ids = np.zeros((new_tok.vocab_size, m), np.int32)

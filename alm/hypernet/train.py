@@ -101,7 +101,9 @@ class HypernetBatches:
                                                      min(self.job.sample_docs, lo + b))]
     tok = sample_tokenizer(self.base_tok, texts, seed=self.seed * 1_000_003 + k,
                            cfg=self.job.sampler, name=f"sampled-{k}")
-    pieces = new_vocab_pieces(self.base_tok, tok, *self.tables, self.job.hypernet.max_pieces)
+    # Logged for the first step only (every step's tokenizer is decomposed alike).
+    pieces = new_vocab_pieces(self.base_tok, tok, *self.tables, self.job.hypernet.max_pieces,
+                              log=k == 0)
     batch = hypernet_batch(self._docs(lo, 4 * b), self.base_tok, tok, pieces, self.cfg,
                            np.random.default_rng((self.seed, k)))
     self.step += 1

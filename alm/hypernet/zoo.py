@@ -71,22 +71,18 @@ _RECIPE = ("--preset=hypernet-demo", "--steps=300", "--learning_rate=3e-4", "--w
            "--vocab_rows=1024", "--sampler_vocab_size=4096", "--eval_tokenizers=qwen3",
            "--eval_batches=2", "--checkpoint_every=25", "--seed=0")
 
-ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry(
-        name="smollm2-135m-unigram",
-        model="smollm2-135m-instruct",
-        distribution=_SAMPLED.format(v=4096, bytes="the 256 byte symbols; SmolLM2's "
-                                     "byte-level pre-tokenizer"),
-        flags=_RECIPE,
-        note="CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."),
-    ZooEntry(
-        name="gemma3-270m-unigram",
-        model="gemma3-270m",
-        distribution=_SAMPLED.format(v=4096, bytes="the 256 byte-fallback tokens; Gemma's "
-                                     "'▁' spaces, SentencePiece-style"),
-        flags=_RECIPE,
-        note="CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."),
-)}
+_NOTE = "CPU recipe: 300 steps of 4 x 64 tokens, ALM against the frozen base."
+# name -> (base model, the base's alphabet in the sampled tokenizers)
+_BASES = {
+    "smollm2-135m-unigram": ("smollm2-135m-instruct",
+                             "the 256 byte symbols; SmolLM2's byte-level pre-tokenizer"),
+    "gemma3-270m-unigram": ("gemma3-270m", "the 256 byte-fallback tokens; Gemma's '▁' "
+                            "spaces, SentencePiece-style"),
+}
+ENTRIES: dict[str, ZooEntry] = {
+    name: ZooEntry(name=name, model=model, distribution=_SAMPLED.format(v=4096, bytes=alphabet),
+                   flags=_RECIPE, note=_NOTE)
+    for name, (model, alphabet) in _BASES.items()}
 
 
 def names() -> list[str]:
