@@ -59,6 +59,29 @@ def test_at_init_the_student_is_fvt_on_the_batch_vocabulary(setup):
   assert np.isneginf(ours[..., ~valid]).all()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_trained_student_is_what_transfer_gives(setup, tied):
+  # What training optimises (the batch's local vocabulary) is the model `transfer` builds
+  # for evaluation, restricted to those rows: with a trained (non-zero) output projection.
+  base_tok, _, docs = setup
+  base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=tied)
+  sampled, b = _batch(base_tok, base, docs, seed=0)
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              rngs=nnx.Rngs(0))
+  k = hn.out_proj.kernel
+  k.set_value(0.05 * jax.random.normal(jax.random.key(3), k.shape, k.dtype))
+  cfg = TrainConfig.build(method="alm", lora_rank=0, batch_size=2, teacher_len=24,
+                          student_len=32)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  ours = np.asarray(model.student(jnp.asarray(b["student_ids"]), **vocab_inputs(b)).logits)
+  from alm.hypernet.hypernet import transfer  # pylint: disable=import-outside-toplevel
+  ref = transfer(base, base_tok, sampled, hn)
+  full = np.asarray(ref(jnp.asarray(b["student_vocab_ids"][b["student_ids"]])).logits)
+  valid = b["student_vocab_valid"]
+  np.testing.assert_allclose(ours[..., valid], full[..., b["student_vocab_ids"][valid]],
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_training_moves_only_the_hypernetwork_and_saves(setup, tmp_path):
   base_tok, base, docs = setup
   hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
