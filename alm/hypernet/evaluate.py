@@ -11,6 +11,7 @@ the original model; 0: no better than FVT; negative: worse).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -18,9 +19,14 @@ import numpy as np
 from flax import nnx
 
 
-def _bits(model, batches, side: str) -> np.ndarray:
+@functools.cache
+def _jitted_path_bits():
   from alm.training import step as step_lib  # pylint: disable=import-outside-toplevel
-  f = nnx.jit(step_lib.path_bits, static_argnames=("side",))
+  return nnx.jit(step_lib.path_bits, static_argnames=("side",))
+
+
+def _bits(model, batches, side: str) -> np.ndarray:
+  f = _jitted_path_bits()  # one wrapper, so a shape compiles once across models and sets
   return np.sum([np.asarray(f(model, b, side=side), np.float64) for b in batches], axis=0)
 
 
