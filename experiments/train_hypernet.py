@@ -41,6 +41,9 @@ flags.DEFINE_integer("eval_batches", _J.eval_batches, "Held-out batches of 4 row
                      "evaluated tokenizer.", lower_bound=1)
 flags.DEFINE_integer("vocab_rows", _J.vocab_rows, "Rows of each batch's vocabulary (its tokens "
                      "+ random negatives for the output softmax).", lower_bound=2)
+flags.DEFINE_bool("vocab_buckets", _J.vocab_buckets, "Lay the local vocabulary out in piece "
+                  "buckets (rows of <= 1, 2, 4, ... pieces read with that many slots; "
+                  "the same predictions, less work).")
 flags.DEFINE_integer("sample_docs", _J.sample_docs, "Documents whose substrings make each "
                      "step's tokenizer.", lower_bound=1)
 flags.DEFINE_integer("sampler_vocab_size", _S.vocab_size, "Pieces of each sampled tokenizer "
@@ -70,7 +73,8 @@ def main(argv):
                                 num_heads=FLAGS.hypernet_heads, dim=FLAGS.hypernet_dim,
                                 residual=FLAGS.residual),
         sampler=SamplerConfig(vocab_size=FLAGS.sampler_vocab_size, noise_std=FLAGS.sampler_noise),
-        vocab_rows=FLAGS.vocab_rows, sample_docs=FLAGS.sample_docs,
+        vocab_rows=FLAGS.vocab_rows, vocab_buckets=FLAGS.vocab_buckets,
+        sample_docs=FLAGS.sample_docs,
         eval_tokenizers=tuple(FLAGS.eval_tokenizers), eval_batches=FLAGS.eval_batches,
         export_dir=FLAGS.export_dir if FLAGS.export_dir is not None
         else f"{FLAGS.out_dir}/hypernet")

@@ -56,3 +56,47 @@ def test_too_small_a_local_vocabulary_is_named(setup):
   with pytest.raises(HypernetError, match="Only 2 of 2 documents are usable"):
     hypernet_batch(docs[:2], base, sampled, pieces, HypernetBatchConfig(batch_size=3),
                    np.random.default_rng(0))
+
+
+def test_the_piece_bucket_layout(setup):
+  from alm.hypernet.batches import bucket_capacities, piece_counts  # pylint: disable=import-outside-toplevel
+  base, sampled, pieces = setup
+  docs = [{"text": t} for t in tu.TEXTS]
+  caps = bucket_capacities(pieces, 300, min_rows=8)
+  assert len(caps) == 3 and sum(caps) == 300 and min(caps) >= 8  # buckets of 1, 2, 4 slots
+  cfg = HypernetBatchConfig(batch_size=3, teacher_len=24, student_len=32, vocab_rows=300)
+  flat = hypernet_batch(docs, base, sampled, pieces, cfg, np.random.default_rng(0))
+  b = hypernet_batch(docs, base, sampled, pieces, HypernetBatchConfig(
+      batch_size=3, teacher_len=24, student_len=32, vocab_rows=300, bucket_rows=caps),
+      np.random.default_rng(0))
+  # The same text rows; local ids still map to the sampled ids.
+  for k in flat:
+    if not k.startswith("student_vocab") and k != "student_ids":
+      np.testing.assert_array_equal(b[k], flat[k], err_msg=k)
+  vocab_ids, valid = b["student_vocab_ids"], b["student_vocab_valid"]
+  np.testing.assert_array_equal(vocab_ids[b["student_ids"]],
+                                flat["student_vocab_ids"][flat["student_ids"]])
+  assert valid[b["student_ids"]].all()
+  real = vocab_ids[valid]
+  assert len(set(real.tolist())) == len(real)  # each token once
+  # Every row sits in a bucket with enough slots, its pieces those of all M slots.
+  assert "student_vocab_pieces" not in b
+  need = piece_counts(pieces)
+  lo = 0
+  for m, cap in zip((1, 2, 4), caps):
+    ids, msk = b[f"student_vocab_pieces_{m}"], b[f"student_vocab_mask_{m}"]
+    assert ids.shape == msk.shape == (cap, m)
+    rows = vocab_ids[lo:lo + cap]
+    ok = valid[lo:lo + cap]
+    assert (need[rows[ok]] <= m).all()
+    np.testing.assert_array_equal(ids[ok] * msk[ok], pieces.ids[rows[ok], :m] * msk[ok])
+    np.testing.assert_array_equal(msk[ok & pieces.predicted[rows]],
+                                  pieces.mask[rows[ok & pieces.predicted[rows]], :m])
+    lo += cap
+  # The shapes are fixed by the capacities whatever the batch (one compilation).
+  other = hypernet_batch(docs[3:] + docs[:3], base, sampled, pieces, HypernetBatchConfig(
+      batch_size=3, teacher_len=24, student_len=32, vocab_rows=300, bucket_rows=caps),
+      np.random.default_rng(1))
+  assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in b.items()}
+  with pytest.raises(ValueError, match="sum to vocab_rows"):
+    HypernetBatchConfig(vocab_rows=300, bucket_rows=(100, 100))

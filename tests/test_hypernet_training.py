@@ -116,3 +116,98 @@ def test_bad_options_are_refused(setup):
     build_model(HypernetKind(hn), base, base_tok, base_tok, TrainConfig.build(lora_rank=8))
   with pytest.raises(FileNotFoundError, match="No hypernetwork at"):
     load_hypernet("/nonexistent/hn")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lexical_term_against_numpy(setup, tied):
+  # ZeTT's lexical loss: 0 at init (FVT copies shared tokens), and with a trained
+  # projection the mean over shared rows of |pred - base|^2 / |base|^2, in float64.
+  from alm.training.methods.lexical import LexicalTerm  # pylint: disable=import-outside-toplevel
+  from alm.training.terms import Forward  # pylint: disable=import-outside-toplevel
+  base_tok, _, docs = setup
+  base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=tied)
+  sampled, b = _batch(base_tok, base, docs, seed=1)
+  shared = b["student_vocab_shared"]
+  assert 0 < shared.sum() < b["student_vocab_valid"].sum()
+  # The shared rows are base tokens of the same bytes, their FVT rows the base's rows.
+  emb_in, emb_out = base_tables(base)
+  vocab_ids = b["student_vocab_ids"][shared]
+  base_ids = [base_tok.token_bytes.index(sampled.token_bytes[i]) for i in vocab_ids]
+  np.testing.assert_array_equal(b["student_vocab_fvt_in"][shared], emb_in[base_ids])
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              rngs=nnx.Rngs(0))
+  cfg = TrainConfig.build(method="alm", add_terms="lexical=1", lora_rank=0, batch_size=2,
+                          teacher_len=24, student_len=32)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+
+  def term():
+    out = model.student(batch["student_ids"], **vocab_inputs(batch))
+    got = LexicalTerm()(Forward(batch=batch, teacher=None, student=out, model=model, consts={}))
+    return float(got.total), float(got.count), np.asarray(out.rows, np.float64)
+
+  total, count, _ = term()
+  assert total == 0.0 and count == shared.sum()
+  k = hn.out_proj.kernel
+  k.set_value(0.05 * jax.random.normal(jax.random.key(3), k.shape, k.dtype))
+  total, count, rows = term()
+  target = np.asarray(b["student_vocab_fvt_in"], np.float64)
+  if not tied:
+    target = np.concatenate([target, np.asarray(b["student_vocab_fvt_out"], np.float64)], 1)
+  ref = (((rows - target) ** 2).sum(1) / (target ** 2).sum(1))[shared].sum()
+  assert count == shared.sum()
+  np.testing.assert_allclose(total, ref, rtol=1e-5)
+  assert total > 0
+
+
+def test_the_lexical_term_trains_with_alm_and_is_refused_elsewhere(setup):
+  base_tok, base, docs = setup
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              rngs=nnx.Rngs(0))
+  cfg = TrainConfig.build(method="alm", add_terms="lexical=1", lora_rank=0, batch_size=2,
+                          teacher_len=24, student_len=32, learning_rate=3e-3, warmup_steps=0,
+                          steps=3)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  s = Stepper(model, cfg, make_consts(model, cfg, base_tok, base_tok), make_optimizer(cfg))
+  metrics = [s.step(_batch(base_tok, base, docs, seed=k)[1]) for k in range(3)]
+  assert float(metrics[0]["loss_lexical"]) == 0.0  # at init
+  assert float(metrics[2]["loss_lexical"]) > 0.0  # the prediction has moved
+  assert all(np.isfinite(float(m["loss"])) for m in metrics)
+  # Not a hypernetwork student: a clear error, not a crash inside JAX.
+  from alm.training.methods.lexical import LexicalTerm  # pylint: disable=import-outside-toplevel
+  from alm.training.terms import Forward  # pylint: disable=import-outside-toplevel
+  out = base(jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(TrainConfigError, match="hypernetwork training only"):
+    LexicalTerm()(Forward(batch={"student_ids": jnp.zeros((1, 4), jnp.int32)}, teacher=None,
+                          student=out, model=None, consts={}))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_bucketed_student_is_what_transfer_gives(setup, tied):
+  # Rows read with only their bucket's piece slots predict what `transfer` does.
+  from alm.hypernet.batches import bucket_capacities  # pylint: disable=import-outside-toplevel
+  from alm.hypernet.hypernet import transfer  # pylint: disable=import-outside-toplevel
+  base_tok, _, docs = setup
+  base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=tied)
+  sampled = sample_tokenizer(base_tok, [d["text"] for d in docs], seed=0,
+                             cfg=SamplerConfig(vocab_size=120, min_count=1))
+  emb_in, emb_out = base_tables(base)
+  pieces = new_vocab_pieces(base_tok, sampled, emb_in, emb_out, 4)
+  caps = bucket_capacities(pieces, 160, min_rows=8)
+  b = hypernet_batch(docs, base_tok, sampled, pieces, HypernetBatchConfig(
+      batch_size=2, teacher_len=24, student_len=32, vocab_rows=160, bucket_rows=caps),
+      np.random.default_rng(0))
+  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
+                              rngs=nnx.Rngs(0))
+  k = hn.out_proj.kernel
+  k.set_value(0.05 * jax.random.normal(jax.random.key(3), k.shape, k.dtype))
+  cfg = TrainConfig.build(method="alm", lora_rank=0, batch_size=2, teacher_len=24,
+                          student_len=32)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  ours = np.asarray(model.student(jnp.asarray(b["student_ids"]), **vocab_inputs(b)).logits)
+  ref = transfer(base, base_tok, sampled, hn)
+  full = np.asarray(ref(jnp.asarray(b["student_vocab_ids"][b["student_ids"]])).logits)
+  valid = b["student_vocab_valid"]
+  np.testing.assert_allclose(ours[..., valid], full[..., b["student_vocab_ids"][valid]],
+                             rtol=1e-4, atol=1e-4)
+  assert np.isneginf(ours[..., ~valid]).all()

@@ -17,8 +17,23 @@ the student ids local, plus:
                          base lacks, padding rows)
   student_vocab_valid    bool  [K]: a real row (padding rows get logit -inf)
   student_vocab_boundary bool  [K]: the row's token starts a pretoken (ALM)
+  student_vocab_shared   bool  [K]: the row's token is also a base token (its FVT
+                         row is the base's embedding: the lexical term's target)
 and, as float32 [K, D] each, `student_vocab_fvt_in` / `student_vocab_fvt_out`
 (FVT's rows, the heuristic and the fallback; `_out` only for untied bases).
+
+**Piece buckets** (`bucket_rows`, docs/method.md §14): most tokens have one or
+two pieces, so reading every row with all M piece slots wastes most of the
+hypernetwork's work. With `bucket_rows` = (c_1, c_2, c_4, ..., c_M) (one
+capacity per bucket of `alm.hypernet.hypernet.piece_buckets(M)`, summing to
+K), the local vocabulary is laid out bucket by bucket: bucket b holds c_b rows
+of tokens with at most m_b pieces, and its pieces are given with m_b slots
+only, as `student_vocab_pieces_<m_b>` [c_b, m_b] / `student_vocab_mask_<m_b>`
+(in place of `student_vocab_pieces` / `_mask`). The batch's own tokens go to
+the smallest bucket that fits them (overflowing to larger ones: more slots
+give the same prediction, the encoder being masked to the real pieces), and
+each bucket's remaining rows are random negatives of its own piece counts, so
+the shapes never change from step to step (one compilation).
 """
 
 from __future__ import annotations
@@ -29,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from alm.data.pipeline import DocumentProcessor, PipelineConfig, _Skipped, _pad_id, pad_example
-from alm.hypernet.hypernet import HypernetError, Pieces
+from alm.hypernet.hypernet import HypernetError, Pieces, piece_buckets
 from alm.tokenization.vocab import shared_boundary_bytes
 
 
@@ -42,12 +57,15 @@ class HypernetBatchConfig:
     teacher_len: base-tokenizer tokens per row.
     student_len: sampled-tokenizer tokens per row.
     vocab_rows: K, rows of the local vocabulary (the batch's tokens + negatives).
+    bucket_rows: rows of each piece bucket (see the module docstring; they sum
+      to `vocab_rows`), or () for one bucket of M slots.
   """
 
   batch_size: int = 8
   teacher_len: int = 128
   student_len: int = 128
   vocab_rows: int = 4096
+  bucket_rows: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name, low in (("batch_size", 1), ("teacher_len", 2), ("student_len", 2),
@@ -55,6 +73,36 @@ class HypernetBatchConfig:
       if getattr(self, name) < low:
         raise ValueError(f"HypernetBatchConfig.{name} must be >= {low}, got "
                          f"{getattr(self, name)}.")
+    if self.bucket_rows and (sum(self.bucket_rows) != self.vocab_rows
+                             or min(self.bucket_rows) < 1):
+      raise ValueError(f"HypernetBatchConfig.bucket_rows={self.bucket_rows} must be positive "
+                       f"and sum to vocab_rows={self.vocab_rows} (see bucket_capacities).")
+
+
+def piece_counts(pieces: Pieces) -> np.ndarray:
+  """int [V_new]: the piece slots each new token needs (at least 1)."""
+  return np.maximum(pieces.mask.sum(axis=1), 1)
+
+
+def bucket_capacities(pieces: Pieces, vocab_rows: int, min_rows: int = 32) -> tuple[int, ...]:
+  """`HypernetBatchConfig.bucket_rows` for K = `vocab_rows` rows: each bucket's share
+  of a tokenizer's predicted tokens (`pieces`, e.g. a sampled tokenizer's), at
+  least `min_rows` each, the first bucket taking the rest.
+
+  Raises:
+    HypernetError: K is too small for one bucket of `min_rows` rows each.
+  """
+  count = piece_counts(pieces)[pieces.predicted]
+  buckets = piece_buckets(pieces.mask.shape[1])
+  share = [float(np.mean((count > lo) & (count <= hi))) if count.size else 0.0
+           for lo, hi in buckets]
+  caps = [max(min_rows, int(np.ceil(s * vocab_rows))) for s in share[1:]]
+  first = vocab_rows - sum(caps)
+  if first < min_rows:
+    raise HypernetError(f"vocab_rows={vocab_rows} is too small to split into {len(buckets)} "
+                        f"piece buckets of >= {min_rows} rows; raise vocab_rows or turn the "
+                        "buckets off (--novocab_buckets).")
+  return (first, *caps)
 
 
 def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces: Pieces,
@@ -104,6 +152,8 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
     raise HypernetError(f"The batch holds {len(used)} distinct tokens of the sampled "
                         f"tokenizer, more than vocab_rows={k}; raise vocab_rows (or use "
                         "smaller batches).")
+  if cfg.bucket_rows:
+    return _bucketed(batch, used, ids, pieces, cfg, rng, mask)
   pool = np.setdiff1d(np.flatnonzero(pieces.predicted), used, assume_unique=False)
   n_neg = min(k - len(used), len(pool))
   negatives = np.sort(rng.choice(pool, n_neg, replace=False)) if n_neg else pool[:0]
@@ -117,6 +167,51 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
   return {**batch, **_vocab_arrays(vocab, valid, pieces, mask)}
 
 
+def _bucketed(batch, used, ids, pieces: Pieces, cfg: HypernetBatchConfig, rng, boundary
+              ) -> dict[str, np.ndarray]:
+  """The local vocabulary laid out in piece buckets (see the module docstring)."""
+  buckets = piece_buckets(pieces.mask.shape[1])
+  if len(cfg.bucket_rows) != len(buckets):
+    raise HypernetError(f"bucket_rows={cfg.bucket_rows} has {len(cfg.bucket_rows)} buckets; "
+                        f"{pieces.mask.shape[1]} pieces make {len(buckets)} "
+                        "(use bucket_capacities).")
+  slots = np.array([hi for _, hi in buckets])
+  need = np.searchsorted(slots, piece_counts(pieces))  # the smallest bucket that fits
+  pool = np.setdiff1d(np.flatnonzero(pieces.predicted), used, assume_unique=False)
+  pool = pool[rng.permutation(len(pool))] if rng is not None else pool
+  carry = used[:0]
+  spare = pool[:0]  # negatives of smaller buckets not taken there (they fit here too)
+  parts, valid = [], []
+  for b, cap in enumerate(cfg.bucket_rows):
+    mine = np.concatenate([carry, used[need[used] == b]])
+    rows, carry = mine[:cap], mine[cap:]
+    spare = np.concatenate([pool[need[pool] == b], spare])
+    fill, spare = spare[:cap - len(rows)], spare[cap - len(rows):]
+    rows = np.concatenate([rows, fill]).astype(np.int32)
+    parts.append(np.concatenate([rows, np.full(cap - len(rows), used[0], np.int32)]))
+    valid.append(np.arange(cap) < len(rows))
+  if carry.size:
+    raise HypernetError(f"The batch's own tokens overflow the piece buckets {cfg.bucket_rows} "
+                        f"({carry.size} left over); raise vocab_rows or turn the buckets off "
+                        "(--novocab_buckets).")
+  vocab, valid = np.concatenate(parts), np.concatenate(valid)
+  where = np.zeros(pieces.mask.shape[0], np.int32)
+  real = np.flatnonzero(valid)
+  where[vocab[real]] = real
+  batch["student_ids"] = where[ids]
+  out = {**batch, **_vocab_arrays(vocab, valid, pieces, boundary)}
+  del out["student_vocab_pieces"], out["student_vocab_mask"]
+  lo = 0
+  for (_, m), cap in zip(buckets, cfg.bucket_rows):
+    out[f"student_vocab_pieces_{m}"] = pieces.ids[vocab[lo:lo + cap], :m]
+    msk = pieces.mask[vocab[lo:lo + cap], :m].copy()
+    msk[~valid[lo:lo + cap]] = False
+    msk[:, 0] = True  # padding and the few empty rows read one slot (their FVT row is kept)
+    out[f"student_vocab_mask_{m}"] = msk
+    lo += cap
+  return out
+
+
 def _vocab_arrays(vocab: np.ndarray, valid: np.ndarray, pieces: Pieces, boundary
                   ) -> dict[str, np.ndarray]:
   out = {"student_vocab_ids": vocab,
@@ -126,6 +221,8 @@ def _vocab_arrays(vocab: np.ndarray, valid: np.ndarray, pieces: Pieces, boundary
          "student_vocab_valid": valid,
          "student_vocab_boundary": np.asarray(boundary, bool)[vocab] & valid,
          "student_vocab_fvt_in": pieces.fvt_in[vocab]}
+  if pieces.shared is not None:
+    out["student_vocab_shared"] = pieces.shared[vocab] & valid
   if pieces.fvt_out is not None:
     out["student_vocab_fvt_out"] = pieces.fvt_out[vocab]
   return out

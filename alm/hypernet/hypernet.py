@@ -193,6 +193,8 @@ class Pieces:
       values a base vocabulary may lack) take FVT's embedding.
     fvt_in: float32 [V_new, D] FVT input embeddings; fvt_out the output ones
       (None when tied).
+    shared: bool [V_new]: a predicted token that is also a base token (same
+      bytes; FVT copies its embedding): the targets of ZeTT's lexical loss.
   """
 
   ids: np.ndarray
@@ -200,6 +202,7 @@ class Pieces:
   predicted: np.ndarray
   fvt_in: np.ndarray
   fvt_out: np.ndarray | None
+  shared: np.ndarray | None = None
 
 
 def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray | None,
@@ -245,7 +248,8 @@ def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray 
   ids[mask] = d.flat[src[mask]]
   fvt_in = fvt.apply_decomposition(emb_in, d).astype(np.float32)
   fvt_out = None if emb_out is None else fvt.apply_decomposition(emb_out, d).astype(np.float32)
-  return Pieces(ids=ids, mask=mask, predicted=~special, fvt_in=fvt_in, fvt_out=fvt_out)
+  return Pieces(ids=ids, mask=mask, predicted=~special, fvt_in=fvt_in, fvt_out=fvt_out,
+                shared=~special & (d.kind == 0))
 
 
 def check_base(hypernet: Hypernetwork, base_tok, emb_in, emb_out) -> None:

@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,19 @@ from alm.training.students import StudentKind, Teacher, _param_at, register_kind
 
 # Rows of a batch's vocabulary predicted at once (bounds the hypernetwork's activations).
 ROW_CHUNK = 4096
+
+
+@flax.struct.dataclass
+class HypernetOutput(ModelOutput):
+  """A hypernetwork student's output: the model's, plus the batch's K local rows.
+
+  Attributes:
+    rows: [K, k·D] the rows the batch was embedded and scored with (predicted,
+      FVT's where not predicted; input then output when untied): what the
+      lexical term (`alm.training.methods.lexical`) compares with the base's.
+  """
+
+  rows: jax.Array | None = None
 
 
 class _Table(nnx.Variable):
@@ -55,9 +69,10 @@ class HypernetStudent(nnx.Module):
   def rows(self, vocab: dict[str, jax.Array]) -> jax.Array:
     """The K local rows [K, k·D]: predicted, or FVT's where not predicted.
 
-    Rows go through the hypernetwork in chunks of `ROW_CHUNK` (a whole
-    vocabulary of an evaluation tokenizer never holds its [K, M, width]
-    activations at once).
+    Rows go through the hypernetwork bucket by bucket when the batch is laid
+    out in piece buckets (`alm.hypernet.batches`), else in chunks of
+    `ROW_CHUNK` (a whole vocabulary of an evaluation tokenizer never holds its
+    [K, M, width] activations at once).
     """
     fvt = vocab["fvt_in"] if "fvt_out" not in vocab else jnp.concatenate(
         [vocab["fvt_in"], vocab["fvt_out"]], axis=-1)
@@ -68,6 +83,15 @@ class HypernetStudent(nnx.Module):
       heur = fvt_rows if self.hypernet.cfg.residual == "mean" else pieces[:, 0]
       return self.hypernet(pieces, mask, heur)
 
+    buckets = sorted((int(key[len("pieces_"):]), key) for key in vocab
+                     if key.startswith("pieces_"))
+    if buckets:  # the piece-bucket layout (alm.hypernet.batches): m slots per bucket
+      parts, lo = [], 0
+      for m, key in buckets:
+        c = vocab[key].shape[0]
+        parts.append(predict(vocab[key], vocab[f"mask_{m}"], fvt[lo:lo + c]))
+        lo += c
+      return jnp.where(vocab["predict"][:, None], jnp.concatenate(parts), fvt)
     k = fvt.shape[0]
     if k <= ROW_CHUNK:
       pred = predict(vocab["pieces"], vocab["mask"], fvt)
@@ -105,8 +129,8 @@ class HypernetStudent(nnx.Module):
       cap = cfg.final_logit_softcap
       logits = cap * jnp.tanh(logits / cap)
     logits = jnp.where(vocab["valid"], logits, -jnp.inf)
-    return ModelOutput(logits=logits, hidden_states={l: out.hidden_states[l] for l in wanted},
-                       cache=None)
+    return HypernetOutput(logits=logits, hidden_states={l: out.hidden_states[l] for l in wanted},
+                          cache=None, rows=rows)
 
 
 @register_kind

@@ -32,9 +32,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alm.hypernet.batches import HypernetBatchConfig, hypernet_batch
+from alm.hypernet.batches import HypernetBatchConfig, bucket_capacities, hypernet_batch
 from alm.hypernet.hypernet import (HypernetConfig, Hypernetwork, base_tables, new_vocab_pieces,
-                                   num_params, transfer)
+                                   num_params, piece_buckets, transfer)
 from alm.hypernet.sampler import SamplerConfig, sample_tokenizer
 
 # The seed of the held-out sampled tokenizer; training uses seed * 1_000_003 + step.
@@ -52,6 +52,9 @@ class HypernetJob:
     hypernet: the hypernetwork's sizes.
     sampler: the tokenizer sampler's options.
     vocab_rows: K, rows of each batch's local vocabulary (tokens + negatives).
+    vocab_buckets: lay the K rows out in piece buckets (`alm.hypernet.batches`;
+      capacities from the held-out sampled tokenizer's piece counts): each row
+      read with only the piece slots its bucket needs.
     sample_docs: documents whose substrings make each step's tokenizer (the
       step's own and the ones before it).
     eval_tokenizers: real tokenizers scored zero-shot at each evaluation.
@@ -65,6 +68,7 @@ class HypernetJob:
   hypernet: HypernetConfig = HypernetConfig()
   sampler: SamplerConfig = SamplerConfig()
   vocab_rows: int = 4096
+  vocab_buckets: bool = True
   sample_docs: int = 64
   eval_tokenizers: tuple[str, ...] = ("qwen3",)
   eval_batches: int = 2
@@ -171,17 +175,23 @@ def run_hypernet(job: HypernetJob, cfg, opts, *, command: str | None = None) -> 
                               rngs=nnx.Rngs(cfg.seed))
   logging.info("Hypernetwork for %s: %d parameters", job.model, num_params(hn))
   shapes = cfg.shapes
-  bcfg = HypernetBatchConfig(batch_size=shapes.batch_size, teacher_len=shapes.teacher_len,
-                             student_len=shapes.student_len, vocab_rows=job.vocab_rows)
-  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
-  train = HypernetBatches(open_source(job.data), base, base_tok, bcfg, job, cfg.seed)
   # The main held-out set: a fixed sampled tokenizer (never a training seed), whole vocabulary.
   held_src = open_source(job.heldout_data)
   held_docs = [held_src[i] for i in range(min(len(held_src), 64))]
   fixed = sample_tokenizer(base_tok, [d["text"] for d in held_docs], seed=HELDOUT_SEED,
                            cfg=job.sampler, name="sampled-heldout")
   pieces = new_vocab_pieces(base_tok, fixed, *base_tables(base), job.hypernet.max_pieces)
-  ecfg = dataclasses.replace(bcfg, batch_size=4)
+  buckets = bucket_capacities(pieces, job.vocab_rows) if job.vocab_buckets else ()
+  if buckets:
+    logging.info("Local vocabulary of %d rows in piece buckets of %s slots: %s rows",
+                 job.vocab_rows, [m for _, m in piece_buckets(job.hypernet.max_pieces)],
+                 list(buckets))
+  bcfg = HypernetBatchConfig(batch_size=shapes.batch_size, teacher_len=shapes.teacher_len,
+                             student_len=shapes.student_len, vocab_rows=job.vocab_rows,
+                             bucket_rows=buckets)
+  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
+  train = HypernetBatches(open_source(job.data), base, base_tok, bcfg, job, cfg.seed)
+  ecfg = dataclasses.replace(bcfg, batch_size=4, bucket_rows=())
   heldout = [hypernet_batch(held_docs[i * 8:(i + 1) * 8], base_tok, fixed, pieces, ecfg,
                             full_vocab=True) for i in range(job.eval_batches)]
   hook = eval_hook(base, base_tok, eval_toks, held_src, teacher_len=shapes.teacher_len,
@@ -195,6 +205,7 @@ def run_hypernet(job: HypernetJob, cfg, opts, *, command: str | None = None) -> 
                                        "hypernet": dataclasses.asdict(job.hypernet),
                                        "sampler": dataclasses.asdict(job.sampler),
                                        "vocab_rows": job.vocab_rows,
+                                       "vocab_buckets": list(buckets),
                                        "sample_docs": job.sample_docs},
                     summary_extra=extra, title="Hypernetwork", eval_hook=hook)
   summary = trainer.fit()

@@ -11,6 +11,7 @@ imports every module in the folder, so adding a method is one new file here.
     mined         MinED + ntp_weight * NTP
     uld           ULD + ntp_weight * NTP
     (term) hidden the hidden-state loss (add it with add_terms="hidden=W")
+    (term) lexical ZeTT's lexical loss of hypernetwork training (add_terms="lexical=W")
 """
 
 from __future__ import annotations
