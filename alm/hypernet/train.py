@@ -196,8 +196,9 @@ def run_hypernet(job: HypernetJob, cfg, opts, *, command: str | None = None) -> 
                             full_vocab=True) for i in range(job.eval_batches)]
   hook = eval_hook(base, base_tok, eval_toks, held_src, teacher_len=shapes.teacher_len,
                    student_len=shapes.student_len, n_batches=job.eval_batches)
-  extra = {"model": job.model, "data": job.data, "heldout": "a held-out sampled tokenizer + "
-           + ", ".join(job.eval_tokenizers), "hypernet_params": num_params(hn)}
+  extra = {"model": job.model, "data": job.data,
+           "heldout": ", ".join(["a held-out sampled tokenizer", *job.eval_tokenizers]),
+           "hypernet_params": num_params(hn)}
   if command:
     extra["command"] = command
   trainer = Trainer(model, base_tok, base_tok, cfg, train, heldout, opts,
