@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from alm.hypernet import fvt
-from alm.hypernet.batches import HypernetBatchConfig, hypernet_batch
+from alm.hypernet.batches import HypernetBatchConfig, bucket_capacities, hypernet_batch
 from alm.hypernet.hypernet import (HypernetConfig, Hypernetwork, base_tables, new_vocab_pieces,
                                    num_params, predict_embeddings)
 from alm.hypernet.sampler import SamplerConfig, sample_tokenizer
@@ -31,12 +31,14 @@ def setup():
   return base_tok, base, docs
 
 
-def _batch(base_tok, base, docs, seed, m=4):
+def _batch(base_tok, base, docs, seed, m=4, buckets=False):
   sampled = sample_tokenizer(base_tok, [d["text"] for d in docs], seed=seed,
                              cfg=SamplerConfig(vocab_size=120, min_count=1))
   emb_in, emb_out = base_tables(base)
   pieces = new_vocab_pieces(base_tok, sampled, emb_in, emb_out, m)
-  cfg = HypernetBatchConfig(batch_size=2, teacher_len=24, student_len=32, vocab_rows=160)
+  cfg = HypernetBatchConfig(batch_size=2, teacher_len=24, student_len=32, vocab_rows=160,
+                            bucket_rows=bucket_capacities(pieces, 160, min_rows=8) if buckets
+                            else ())
   return sampled, hypernet_batch(docs, base_tok, sampled, pieces, cfg,
                                  np.random.default_rng(seed))
 
@@ -60,12 +62,15 @@ def test_at_init_the_student_is_fvt_on_the_batch_vocabulary(setup):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_trained_student_is_what_transfer_gives(setup, tied):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_a_trained_student_is_what_transfer_gives(setup, tied, buckets):
   # What training optimises (the batch's local vocabulary) is the model `transfer` builds
-  # for evaluation, restricted to those rows: with a trained (non-zero) output projection.
+  # for evaluation, restricted to those rows: with a trained (non-zero) output projection,
+  # the rows read with all M piece slots or in piece buckets (only the slots they need).
   base_tok, _, docs = setup
   base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=tied)
-  sampled, b = _batch(base_tok, base, docs, seed=0)
+  sampled, b = _batch(base_tok, base, docs, seed=0, buckets=buckets)
+  assert ("student_vocab_pieces_1" in b) == buckets
   hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
                               rngs=nnx.Rngs(0))
   k = hn.out_proj.kernel
@@ -80,6 +85,7 @@ def test_a_trained_student_is_what_transfer_gives(setup, tied):
   valid = b["student_vocab_valid"]
   np.testing.assert_allclose(ours[..., valid], full[..., b["student_vocab_ids"][valid]],
                              rtol=1e-4, atol=1e-4)
+  assert np.isneginf(ours[..., ~valid]).all()
 
 
 def test_training_moves_only_the_hypernetwork_and_saves(setup, tmp_path):
@@ -181,33 +187,3 @@ def test_the_lexical_term_trains_with_alm_and_is_refused_elsewhere(setup):
     LexicalTerm()(Forward(batch={"student_ids": jnp.zeros((1, 4), jnp.int32)}, teacher=None,
                           student=out, model=None, consts={}))
 
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_bucketed_student_is_what_transfer_gives(setup, tied):
-  # Rows read with only their bucket's piece slots predict what `transfer` does.
-  from alm.hypernet.batches import bucket_capacities  # pylint: disable=import-outside-toplevel
-  from alm.hypernet.hypernet import transfer  # pylint: disable=import-outside-toplevel
-  base_tok, _, docs = setup
-  base = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=tied)
-  sampled = sample_tokenizer(base_tok, [d["text"] for d in docs], seed=0,
-                             cfg=SamplerConfig(vocab_size=120, min_count=1))
-  emb_in, emb_out = base_tables(base)
-  pieces = new_vocab_pieces(base_tok, sampled, emb_in, emb_out, 4)
-  caps = bucket_capacities(pieces, 160, min_rows=8)
-  b = hypernet_batch(docs, base_tok, sampled, pieces, HypernetBatchConfig(
-      batch_size=2, teacher_len=24, student_len=32, vocab_rows=160, bucket_rows=caps),
-      np.random.default_rng(0))
-  hn = Hypernetwork.for_model(base, base_tok, HypernetConfig(num_heads=4, max_pieces=4),
-                              rngs=nnx.Rngs(0))
-  k = hn.out_proj.kernel
-  k.set_value(0.05 * jax.random.normal(jax.random.key(3), k.shape, k.dtype))
-  cfg = TrainConfig.build(method="alm", lora_rank=0, batch_size=2, teacher_len=24,
-                          student_len=32)
-  model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
-  ours = np.asarray(model.student(jnp.asarray(b["student_ids"]), **vocab_inputs(b)).logits)
-  ref = transfer(base, base_tok, sampled, hn)
-  full = np.asarray(ref(jnp.asarray(b["student_vocab_ids"][b["student_ids"]])).logits)
-  valid = b["student_vocab_valid"]
-  np.testing.assert_allclose(ours[..., valid], full[..., b["student_vocab_ids"][valid]],
-                             rtol=1e-4, atol=1e-4)
-  assert np.isneginf(ours[..., ~valid]).all()
