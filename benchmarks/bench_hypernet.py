@@ -97,6 +97,8 @@ def main(argv):
                                             hcfg.max_pieces, log=False), job.vocab_rows)
   out["bucket_rows"] = list(caps)
   for layout, buckets in (("flat", ()), ("buckets", caps)):
+    # A fresh hypernetwork each time: a Stepper donates its trainable arrays.
+    hn = Hypernetwork.for_model(base, base_tok, hcfg, rngs=nnx.Rngs(0))
     model = build_model(HypernetKind(hn), base, base_tok, base_tok, cfg)
     s = Stepper(model, cfg, make_consts(model, cfg, base_tok, base_tok), make_optimizer(cfg))
     data = HypernetBatches(src, base, base_tok, HypernetBatchConfig(
