@@ -164,8 +164,8 @@ def test_training_from_the_cache_equals_the_live_teacher(tmp_path, method, add_t
     # live ones from the step's program, which XLA fuses differently: they differ in the
     # last bits, and so do the gradients. Measured: |loss diff| 2.5e-8, |param diff|
     # 2.5e-6 after 3 Adam steps at lr 1e-2 (a step moves a parameter by ~1e-2).
+    # Step 0 too: seen 4e-9 apart on a clean-clone CI run (no exact equality to claim).
     np.testing.assert_allclose(cache_losses, live_losses, rtol=1e-6, atol=1e-7)
-    assert cache_losses[0] == live_losses[0]
     assert worst <= 2e-5, worst
   assert live_losses[0] != live_losses[-1]  # it trained
   if hidden_dtype:  # a cache without the hidden states is refused, naming them
