@@ -74,7 +74,7 @@ _RECIPE = ("--preset=hypernet-demo", "--steps=200", "--learning_rate=5e-5", "--w
            "--vocab_rows=4608", "--sampler_vocab_size=4096", "--eval_tokenizers=qwen3",
            "--eval_batches=2", "--checkpoint_every=25", "--seed=0")
 
-_NOTE = ("CPU recipe: 200 steps of 4 x 64 tokens, ALM against the frozen base (about 40 "
+_NOTE = ("CPU recipe: 200 steps of 4 x 64 tokens, ALM against the frozen base (about 45 "
          "minutes on 2 cores).")
 # name -> (base model, the base's alphabet in the sampled tokenizers)
 _BASES = {
