@@ -57,6 +57,8 @@ flags.DEFINE_integer("hypernet_heads", _H.num_heads, "Attention heads.", lower_b
 flags.DEFINE_integer("hypernet_dim", _H.dim, "Encoder width (0: the base's).", lower_bound=0)
 flags.DEFINE_enum("residual", _H.residual, ["mean", "first"], "The heuristic the prediction "
                   "corrects: FVT's mean of the pieces, or the first piece.")
+flags.DEFINE_bool("copy_shared", _H.copy_shared, "Tokens the base vocabulary also has keep "
+                  "the base's embeddings (as FVT) and are not predicted; only new tokens are.")
 cli.define_train_flags(default_preset="hypernet-demo")
 cli.define_run_flags(default_out_dir="runs/hypernet")
 
@@ -71,7 +73,7 @@ def main(argv):
         model=FLAGS.model, data=FLAGS.data, heldout_data=FLAGS.heldout_data,
         hypernet=HypernetConfig(max_pieces=FLAGS.max_pieces, num_layers=FLAGS.hypernet_layers,
                                 num_heads=FLAGS.hypernet_heads, dim=FLAGS.hypernet_dim,
-                                residual=FLAGS.residual),
+                                residual=FLAGS.residual, copy_shared=FLAGS.copy_shared),
         sampler=SamplerConfig(vocab_size=FLAGS.sampler_vocab_size, noise_std=FLAGS.sampler_noise),
         vocab_rows=FLAGS.vocab_rows, vocab_buckets=FLAGS.vocab_buckets,
         sample_docs=FLAGS.sample_docs,

@@ -132,3 +132,29 @@ def test_a_token_the_base_tokenizer_cannot_spell_is_named():
   with pytest.raises(HypernetError, match=r"regular token\(s\) of .* cannot be spelled with "
                      r"the base tokenizer's tokens"):
     predict_embeddings(hn, model, smol, BytesTokenizer())
+
+
+def test_copy_shared_keeps_the_base_rows_of_shared_tokens(pair):
+  base_tok, new_tok = pair
+  model = tiny_model("llama", base_tok.vocab_size, seed=0, tie_embeddings=False)
+  cfg = HypernetConfig(num_heads=4, max_pieces=4, copy_shared=True)
+  hn = _trained_like(Hypernetwork.for_model(model, base_tok, cfg, rngs=nnx.Rngs(0)))
+  got_in, got_out = predict_embeddings(hn, model, base_tok, new_tok, batch_size=5)
+  emb_in, emb_out = base_tables(model)
+  p = new_vocab_pieces(base_tok, new_tok, emb_in, emb_out, 4, copy_shared=True)
+  assert p.shared.any() and (p.predicted & ~p.shared).any()
+  assert not (p.predicted & p.shared).any()
+  # Shared tokens are the base's own rows, bit for bit; only the new tokens move.
+  tb, base_id = new_tok.token_bytes, {b: i for i, b in enumerate(base_tok.token_bytes)}
+  shared = np.flatnonzero(p.shared)
+  np.testing.assert_array_equal(got_in[shared], emb_in[[base_id[tb[i]] for i in shared]])
+  np.testing.assert_array_equal(got_out[shared], emb_out[[base_id[tb[i]] for i in shared]])
+  new = np.flatnonzero(p.predicted)
+  assert np.abs(got_in[new] - p.fvt_in[new]).min(axis=1).max() > 0
+  assert np.abs(got_in[new] - p.fvt_in[new]).max() > 1e-3
+  # Without the option every regular token is predicted, the shared ones too.
+  all_in, _ = predict_embeddings(hn.__class__.for_model(model, base_tok, HypernetConfig(
+      num_heads=4, max_pieces=4), rngs=nnx.Rngs(0)), model, base_tok, new_tok)
+  np.testing.assert_array_equal(all_in[shared], got_in[shared])  # (zero projection: FVT)
+  default = new_vocab_pieces(base_tok, new_tok, emb_in, emb_out, 4)
+  np.testing.assert_array_equal(default.predicted, p.predicted | p.shared)

@@ -100,3 +100,24 @@ def test_the_piece_bucket_layout(setup):
   assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in b.items()}
   with pytest.raises(ValueError, match="sum to vocab_rows"):
     HypernetBatchConfig(vocab_rows=300, bucket_rows=(100, 100))
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_copy_shared_rows_are_not_predicted_but_still_negatives(setup, bucketed):
+  from alm.hypernet.batches import bucket_capacities  # pylint: disable=import-outside-toplevel
+  base, sampled, _ = setup
+  emb = np.random.default_rng(0).standard_normal((base.vocab_size, 8)).astype(np.float32)
+  pieces = new_vocab_pieces(base, sampled, emb, emb * 2, 4, copy_shared=True)
+  docs = [{"text": t} for t in tu.TEXTS]
+  k = sampled.vocab_size  # room for every token
+  caps = bucket_capacities(pieces, k, min_rows=8) if bucketed else ()
+  b = hypernet_batch(docs, base, sampled, pieces, HypernetBatchConfig(
+      batch_size=3, teacher_len=24, student_len=32, vocab_rows=k, bucket_rows=caps),
+      np.random.default_rng(0))
+  ids, valid = b["student_vocab_ids"], b["student_vocab_valid"]
+  regular = pieces.predicted | pieces.shared
+  # Every regular token is a row (shared ones too, as negatives); only new ones predicted.
+  assert set(np.flatnonzero(regular).tolist()) <= set(ids[valid].tolist())
+  np.testing.assert_array_equal(b["student_vocab_predict"], pieces.predicted[ids] & valid)
+  assert b["student_vocab_shared"][valid].any() and not (
+      b["student_vocab_predict"] & b["student_vocab_shared"]).any()

@@ -187,3 +187,7 @@ def test_the_lexical_term_trains_with_alm_and_is_refused_elsewhere(setup):
     LexicalTerm()(Forward(batch={"student_ids": jnp.zeros((1, 4), jnp.int32)}, teacher=None,
                           student=out, model=None, consts={}))
 
+  # ... and a run with another student kind is refused when it is built, before any step.
+  from alm.training.students import build_transfer_model  # pylint: disable=import-outside-toplevel
+  with pytest.raises(TrainConfigError, match="hypernetwork training only"):
+    build_transfer_model(base, base_tok, base_tok, cfg)

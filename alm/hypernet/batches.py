@@ -14,7 +14,8 @@ the student ids local, plus:
   student_vocab_pieces   int32 [K, M]: base pieces of each row (0 pad)
   student_vocab_mask     bool  [K, M]
   student_vocab_predict  bool  [K]: predicted (else FVT's row: specials, bytes the
-                         base lacks, padding rows)
+                         base lacks, padding rows, and with `copy_shared` the
+                         tokens the base also has)
   student_vocab_valid    bool  [K]: a real row (padding rows get logit -inf)
   student_vocab_boundary bool  [K]: the row's token starts a pretoken (ALM)
   student_vocab_shared   bool  [K]: the row's token is also a base token (its FVT
@@ -92,7 +93,7 @@ def bucket_capacities(pieces: Pieces, vocab_rows: int, min_rows: int = 32) -> tu
   Raises:
     HypernetError: K is too small for one bucket of `min_rows` rows each.
   """
-  count = piece_counts(pieces)[pieces.predicted]
+  count = piece_counts(pieces)[_regular(pieces)]
   buckets = piece_buckets(pieces.mask.shape[1])
   share = [float(np.mean((count > lo) & (count <= hi))) if count.size else 0.0
            for lo, hi in buckets]
@@ -154,7 +155,7 @@ def hypernet_batch(docs: Sequence[dict[str, Any]], base_tok, sampled_tok, pieces
                         "smaller batches).")
   if cfg.bucket_rows:
     return _bucketed(batch, used, ids, pieces, cfg, rng, mask)
-  pool = np.setdiff1d(np.flatnonzero(pieces.predicted), used, assume_unique=False)
+  pool = np.setdiff1d(np.flatnonzero(_regular(pieces)), used, assume_unique=False)
   n_neg = min(k - len(used), len(pool))
   negatives = np.sort(rng.choice(pool, n_neg, replace=False)) if n_neg else pool[:0]
   vocab = np.concatenate([used, negatives]).astype(np.int32)
@@ -177,7 +178,7 @@ def _bucketed(batch, used, ids, pieces: Pieces, cfg: HypernetBatchConfig, rng, b
                         "(use bucket_capacities).")
   slots = np.array([hi for _, hi in buckets])
   need = np.searchsorted(slots, piece_counts(pieces))  # the smallest bucket that fits
-  pool = np.setdiff1d(np.flatnonzero(pieces.predicted), used, assume_unique=False)
+  pool = np.setdiff1d(np.flatnonzero(_regular(pieces)), used, assume_unique=False)
   pool = pool[rng.permutation(len(pool))] if rng is not None else pool
   carry = used[:0]
   spare = pool[:0]  # negatives of smaller buckets not taken there (they fit here too)
@@ -210,6 +211,12 @@ def _bucketed(batch, used, ids, pieces: Pieces, cfg: HypernetBatchConfig, rng, b
     out[f"student_vocab_mask_{m}"] = msk
     lo += cap
   return out
+
+
+def _regular(pieces: Pieces) -> np.ndarray:
+  """bool [V_new]: the tokens a local vocabulary draws from (predicted or shared with
+  the base: every token but the specials and the few the base cannot spell)."""
+  return pieces.predicted if pieces.shared is None else pieces.predicted | pieces.shared
 
 
 def _vocab_arrays(vocab: np.ndarray, valid: np.ndarray, pieces: Pieces, boundary

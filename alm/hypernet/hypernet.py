@@ -61,6 +61,9 @@ class HypernetConfig:
     mlp_ratio: the MLP's hidden width over `dim`.
     residual: the heuristic the prediction is added to: "mean" (FVT: the mean
       of all the pieces' embeddings) or "first" (the first piece's).
+    copy_shared: tokens the base vocabulary also has (the same bytes) keep the
+      base's own embeddings, as FVT does, and are not predicted; only the
+      tokens new to the base are (ZeTT predicts every token: the default).
     eps: RMSNorm epsilon.
   """
 
@@ -70,6 +73,7 @@ class HypernetConfig:
   dim: int = 0
   mlp_ratio: int = 2
   residual: Residual = "mean"
+  copy_shared: bool = False
   eps: float = 1e-6
 
   def __post_init__(self):
@@ -206,9 +210,11 @@ class Pieces:
 
 
 def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray | None,
-                     max_pieces: int, *, decomposition: fvt.Decomposition | None = None,
+                     max_pieces: int, *, copy_shared: bool = False,
+                     decomposition: fvt.Decomposition | None = None,
                      log: bool = True) -> Pieces:
-  """Decomposes every new token by the base tokenizer (see `Pieces`; `log`: log the
+  """Decomposes every new token by the base tokenizer (see `Pieces`; `copy_shared`:
+  tokens the base also has are not predicted, see `HypernetConfig`; `log`: log the
   decomposition's counts and the tokens left to FVT's fallback).
 
   Raises:
@@ -248,8 +254,10 @@ def new_vocab_pieces(base_tok, new_tok, emb_in: np.ndarray, emb_out: np.ndarray 
   ids[mask] = d.flat[src[mask]]
   fvt_in = fvt.apply_decomposition(emb_in, d).astype(np.float32)
   fvt_out = None if emb_out is None else fvt.apply_decomposition(emb_out, d).astype(np.float32)
-  return Pieces(ids=ids, mask=mask, predicted=~special, fvt_in=fvt_in, fvt_out=fvt_out,
-                shared=~special & (d.kind == 0))
+  shared = ~special & (d.kind == 0)
+  predicted = ~special & ~shared if copy_shared else ~special
+  return Pieces(ids=ids, mask=mask, predicted=predicted, fvt_in=fvt_in, fvt_out=fvt_out,
+                shared=shared)
 
 
 def check_base(hypernet: Hypernetwork, base_tok, emb_in, emb_out) -> None:
@@ -302,7 +310,8 @@ def predict_embeddings(hypernet: Hypernetwork, model, base_tok, new_tok, *,
   """
   emb_in, emb_out = base_tables(model)
   check_base(hypernet, base_tok, emb_in, emb_out)
-  p = pieces or new_vocab_pieces(base_tok, new_tok, emb_in, emb_out, hypernet.cfg.max_pieces)
+  p = pieces or new_vocab_pieces(base_tok, new_tok, emb_in, emb_out, hypernet.cfg.max_pieces,
+                                 copy_shared=hypernet.cfg.copy_shared)
   table = jnp.asarray(emb_in if emb_out is None else np.concatenate([emb_in, emb_out], 1))
   fvt_all = p.fvt_in if p.fvt_out is None else np.concatenate([p.fvt_in, p.fvt_out], 1)
   heur = fvt_all if hypernet.cfg.residual == "mean" else np.asarray(table)[p.ids[:, 0]]

@@ -107,7 +107,7 @@ class HypernetBatches:
                            cfg=self.job.sampler, name=f"sampled-{k}")
     # Logged for the first step only (every step's tokenizer is decomposed alike).
     pieces = new_vocab_pieces(self.base_tok, tok, *self.tables, self.job.hypernet.max_pieces,
-                              log=k == 0)
+                              copy_shared=self.job.hypernet.copy_shared, log=k == 0)
     batch = hypernet_batch(self._docs(lo, 4 * b), self.base_tok, tok, pieces, self.cfg,
                            np.random.default_rng((self.seed, k)))
     self.step += 1
@@ -180,7 +180,8 @@ def run_hypernet(job: HypernetJob, cfg, opts, *, command: str | None = None) -> 
   held_docs = [held_src[i] for i in range(min(len(held_src), 64))]
   fixed = sample_tokenizer(base_tok, [d["text"] for d in held_docs], seed=HELDOUT_SEED,
                            cfg=job.sampler, name="sampled-heldout")
-  pieces = new_vocab_pieces(base_tok, fixed, *base_tables(base), job.hypernet.max_pieces)
+  pieces = new_vocab_pieces(base_tok, fixed, *base_tables(base), job.hypernet.max_pieces,
+                            copy_shared=job.hypernet.copy_shared)
   buckets = bucket_capacities(pieces, job.vocab_rows) if job.vocab_buckets else ()
   if buckets:
     logging.info("Local vocabulary of %d rows in piece buckets of %s slots: %s rows",

@@ -201,7 +201,7 @@ def make_consts(model: DistillationModel, cfg: TrainConfig, teacher_tok, student
   tokenizer pair, then read from its cache).
   """
   ctx = students_lib.build_context(model.teacher.transformer, model.student.transformer,
-                                   teacher_tok, student_tok, cfg)
+                                   teacher_tok, student_tok, cfg, model.kind)
   return Objective(cfg).consts(ctx)
 
 
@@ -322,7 +322,7 @@ class Stepper:
     if teacher_cache:
       check_cacheable(cfg)
     ctx = students_lib.build_context(model.teacher.transformer, model.student.transformer,
-                                     None, None, cfg)
+                                     None, None, cfg, model.kind)
     for term in obj.terms:
       term.check(ctx)
       if type(term).head is not terms_lib.Term.head and term.name not in model.heads:

@@ -301,10 +301,11 @@ def trainable_filter(model: DistillationModel, cfg: TrainConfig):
 
 
 def build_context(teacher: Transformer, student: Transformer, teacher_tok, student_tok,
-                  cfg: TrainConfig) -> terms_lib.BuildContext:
+                  cfg: TrainConfig, kind: str = "") -> terms_lib.BuildContext:
   return terms_lib.BuildContext(teacher_tok=teacher_tok, student_tok=student_tok,
                                 teacher_cfg=teacher.cfg, student_cfg=student.cfg,
-                                objective=cfg.objective, param_dtype=student.param_dtype)
+                                objective=cfg.objective, param_dtype=student.param_dtype,
+                                student_kind=kind)
 
 
 def build_model(kind: StudentKind, teacher: Transformer, teacher_tok: ByteTokenizer,
@@ -324,7 +325,7 @@ def build_model(kind: StudentKind, teacher: Transformer, teacher_tok: ByteTokeni
   """
   rngs = nnx.Rngs(cfg.seed)
   t_view, student = kind.build(teacher, teacher_tok, student_tok, cfg.adapters, rngs)
-  ctx = build_context(teacher, student.transformer, teacher_tok, student_tok, cfg)
+  ctx = build_context(teacher, student.transformer, teacher_tok, student_tok, cfg, kind.name)
   heads = {}
   for term, _ in terms_lib.objective_terms(cfg.objective):
     term.check(ctx)

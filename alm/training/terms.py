@@ -45,6 +45,8 @@ class BuildContext:
     student_cfg: the student's `alm.models.ModelConfig`.
     objective: the objective options.
     param_dtype: dtype of new trainable parameters (heads).
+    student_kind: the student kind's name (`StudentKind.name`, e.g. "shared_body",
+      "hypernet"; "" when not known).
   """
 
   teacher_tok: Any
@@ -53,6 +55,7 @@ class BuildContext:
   student_cfg: Any
   objective: ObjectiveConfig
   param_dtype: Any = np.float32
+  student_kind: str = ""
 
 
 @dataclasses.dataclass

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 
 from alm.losses.reduce import LossSum
 from alm.training.config import TrainConfigError
-from alm.training.terms import Forward, Term, register_term
+from alm.training.terms import BuildContext, Forward, Term, register_term
+
+_ONLY_HYPERNET = ("The lexical term compares a hypernetwork's predicted embeddings with the base "
+                  "model's, so it applies to hypernetwork training only "
+                  "(experiments.train_hypernet --add_terms=lexical=W); drop it from this run's "
+                  "add_terms.")
 
 
 @register_term
@@ -27,14 +32,15 @@ class LexicalTerm(Term):
   needs_teacher = False
   teacher_reads = frozenset()
 
+  def check(self, ctx: BuildContext) -> None:
+    if ctx.student_kind and ctx.student_kind != "hypernet":
+      raise TrainConfigError(_ONLY_HYPERNET)
+
   def __call__(self, fwd: Forward) -> LossSum:
     rows = getattr(fwd.student, "rows", None)
     b = fwd.batch
     if rows is None or "student_vocab_shared" not in b:
-      raise TrainConfigError(
-          "The lexical term compares a hypernetwork's predicted embeddings with the base "
-          "model's, so it applies to hypernetwork training only (experiments.train_hypernet "
-          "--add_terms=lexical=W); drop it from this run's add_terms.")
+      raise TrainConfigError(_ONLY_HYPERNET)
     target = b["student_vocab_fvt_in"]
     if "student_vocab_fvt_out" in b:
       target = jnp.concatenate([target, b["student_vocab_fvt_out"]], axis=-1)
