@@ -40,3 +40,27 @@ def test_a_short_run_trains_evaluates_zero_shot_and_exports(tmp_path):
   assert load_hypernet(tmp_path / "hn").cfg.max_pieces == 4
   recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_every_steps_tokenizer_is_sampled_from_sample_docs_documents(monkeypatch):
+  from alm.hypernet import train as train_lib  # pylint: disable=import-outside-toplevel
+  from alm.hypernet.batches import HypernetBatchConfig  # pylint: disable=import-outside-toplevel
+  from tests import training_utils as tu  # pylint: disable=import-outside-toplevel
+  base_tok = tiny_tokenizer("bpe", 300)
+  base = tiny_model("llama", base_tok.vocab_size, seed=0)
+  seen = []
+  real = train_lib.sample_tokenizer
+  monkeypatch.setattr(train_lib, "sample_tokenizer",
+                      lambda tok, texts, **kw: seen.append(list(texts)) or real(tok, texts, **kw))
+  docs = [{"text": t} for t in tu.TEXTS]
+  job = HypernetJob(sampler=SamplerConfig(vocab_size=50, min_count=1), vocab_rows=256,
+                    sample_docs=5)
+  batches = train_lib.HypernetBatches(docs, base, base_tok, HypernetBatchConfig(
+      batch_size=2, teacher_len=24, student_len=32, vocab_rows=256), job, seed=0)
+  next(batches)
+  next(batches)
+  order = [docs[i]["text"] for i in batches.order]
+  n = len(order)
+  # Step 0's window wraps to the permutation's end; step 1's ends at its own documents.
+  assert seen[0] == [order[i % n] for i in range(-3, 2)]
+  assert seen[1] == [order[i % n] for i in range(-1, 4)]

@@ -80,7 +80,8 @@ class HypernetBatches:
 
   Step k reads documents k·B .. k·B + B - 1 of a seeded permutation of the
   source (more if some cannot be spelled), samples its tokenizer from the
-  `sample_docs` documents ending there, and builds the batch.
+  `sample_docs` documents ending there (wrapping around to the permutation's
+  end in the first steps), and builds the batch.
   """
 
   def __init__(self, source, base, base_tok, cfg: HypernetBatchConfig, job: HypernetJob,
@@ -101,8 +102,10 @@ class HypernetBatches:
     t0 = time.time()
     b, k = self.cfg.batch_size, self.step
     lo = k * b
-    texts = [d.get("text", "") for d in self._docs(max(0, lo + b - self.job.sample_docs),
-                                                     min(self.job.sample_docs, lo + b))]
+    # The window wraps around the permutation, so the first steps' tokenizers are built
+    # from as many documents as the later ones (all of them training documents).
+    n = min(self.job.sample_docs, len(self.order))
+    texts = [d.get("text", "") for d in self._docs(lo + b - n, n)]
     tok = sample_tokenizer(self.base_tok, texts, seed=self.seed * 1_000_003 + k,
                            cfg=self.job.sampler, name=f"sampled-{k}")
     # Logged for the first step only (every step's tokenizer is decomposed alike).
