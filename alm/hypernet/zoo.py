@@ -66,12 +66,16 @@ class ZooEntry:
 
 _SAMPLED = ("ZeTT Unigram tokenizers sampled each step from the substrings of the last 64 "
             "training documents of the default corpus (log-normal noise sigma 1, up to "
-            "{v} pieces of <= 16 characters + {bytes})")
+            "{v} pieces of <= 16 characters + {bytes}); tokens the base also has keep "
+            "its embeddings, the others are predicted")
 # LR and K from a 30-step study (BUILD_NOTES, #14): 3e-4 made the held-out sampled
 # tokenizer worse over 300 steps; 3e-5 and 1e-4 both improved on FVT at 30 steps, and
 # K = 4608 (the whole sampled vocabulary, in piece buckets) beat K = 1024 at the same cost.
+# A second study (zero-shot on Qwen3 after 30 steps) chose --copy_shared over predicting
+# every token, the lexical term, and 32k-piece sampled tokenizers.
 _RECIPE = ("--preset=hypernet-demo", "--steps=200", "--learning_rate=5e-5", "--warmup_steps=10",
-           "--vocab_rows=4608", "--sampler_vocab_size=4096", "--eval_tokenizers=qwen3",
+           "--vocab_rows=4608", "--sampler_vocab_size=4096", "--copy_shared",
+           "--eval_tokenizers=qwen3",
            "--eval_batches=2", "--checkpoint_every=25", "--seed=0")
 
 _NOTE = ("CPU recipe: 200 steps of 4 x 64 tokens, ALM against the frozen base (about 45 "
