@@ -117,3 +117,18 @@ def test_tokenizer_transfer_can_start_from_a_hypernetwork(tmp_path):
     init_bpb(str(tmp_path / "other-base"))
   with pytest.raises(ValueError, match="init_hypernet"):
     TransferJob(student_model="x", init_hypernet="y")
+
+
+def test_rebuild_starts_over_and_drops_the_stale_table(tmp_path, monkeypatch):
+  monkeypatch.setenv("ALM_ZOO_DIR", str(tmp_path / "zoo"))
+  calls = []
+  monkeypatch.setattr(zoo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  name = zoo.names()[0]
+  d = zoo.entry_dir(name)
+  d.mkdir(parents=True)
+  (d / "zero_shot.md").write_text("a table of the old build")
+  zoo.build(name)  # resumes: the old table stays until a new one is measured
+  assert "--noresume" not in calls[-1] and (d / "zero_shot.md").exists()
+  zoo.build(name, rebuild=True)
+  assert "--noresume" in calls[-1] and not (d / "zero_shot.md").exists()
+  assert calls[-1][:len(zoo.entry(name).command())] == zoo.entry(name).command()

@@ -147,12 +147,14 @@ def load(name_or_dir: str):
   return load_hypernet(entry_dir(e.name) / "hypernet")
 
 
-def build(name: str, *, extra_flags: tuple[str, ...] = ()) -> Path:
+def build(name: str, *, extra_flags: tuple[str, ...] = (), rebuild: bool = False) -> Path:
   """Trains (or finishes training) a zoo entry from its recipe; returns its directory.
 
   Runs `experiments.train_hypernet` with the entry's flags (plus `extra_flags`)
   into the zoo directory, so an interrupted build resumes from its last
-  checkpoint.
+  checkpoint. `rebuild`: start over (`--noresume`), replacing the checkpoints
+  and dropping the zero-shot table of what the directory held (a build of
+  an older recipe is refused otherwise).
 
   Raises:
     HypernetError: an unknown name.
@@ -161,7 +163,10 @@ def build(name: str, *, extra_flags: tuple[str, ...] = ()) -> Path:
   e = entry(name)
   d = entry_dir(e.name)
   d.mkdir(parents=True, exist_ok=True)
-  subprocess.run([*e.command(), *extra_flags], check=True,
+  if rebuild:
+    for stale in ("zero_shot.json", "zero_shot.md"):
+      (d / stale).unlink(missing_ok=True)
+  subprocess.run([*e.command(), *(("--noresume",) if rebuild else ()), *extra_flags], check=True,
                  cwd=Path(__file__).resolve().parents[2])
   return d
 
