@@ -78,19 +78,20 @@ _RECIPE = ("--preset=hypernet-demo", "--steps=200", "--learning_rate=5e-5", "--w
            "--eval_tokenizers=qwen3",
            "--eval_batches=2", "--checkpoint_every=25", "--seed=0")
 
-_NOTE = ("CPU recipe: 200 steps of 4 x 64 tokens, ALM against the frozen base (about 45 "
-         "minutes on 2 cores).")
-# name -> (base model, the base's alphabet in the sampled tokenizers)
+_NOTE = "CPU recipe: 200 steps of 4 x 64 tokens, ALM against the frozen base ({time})."
+# name -> (base model, the base's alphabet in the sampled tokenizers, the build's time)
 _BASES = {
     "smollm2-135m-unigram": ("smollm2-135m-instruct",
-                             "the 256 byte symbols; SmolLM2's byte-level pre-tokenizer"),
+                             "the 256 byte symbols; SmolLM2's byte-level pre-tokenizer",
+                             "about 35 minutes on 2 cores"),
     "gemma3-270m-unigram": ("gemma3-270m", "the 256 byte-fallback tokens; Gemma's '▁' "
-                            "spaces, SentencePiece-style"),
+                            "spaces, SentencePiece-style",
+                            "not yet timed: a larger base than SmolLM2, slower per step"),
 }
 ENTRIES: dict[str, ZooEntry] = {
     name: ZooEntry(name=name, model=model, distribution=_SAMPLED.format(v=4096, bytes=alphabet),
-                   flags=_RECIPE, note=_NOTE)
-    for name, (model, alphabet) in _BASES.items()}
+                   flags=_RECIPE, note=_NOTE.format(time=time))
+    for name, (model, alphabet, time) in _BASES.items()}
 
 
 def names() -> list[str]:
