@@ -64,3 +64,13 @@ def test_every_steps_tokenizer_is_sampled_from_sample_docs_documents(monkeypatch
   # Step 0's window wraps to the permutation's end; step 1's ends at its own documents.
   assert seen[0] == [order[i % n] for i in range(-3, 2)]
   assert seen[1] == [order[i % n] for i in range(-1, 4)]
+
+
+def test_the_lexical_term_with_copy_shared_is_refused_before_anything_loads(tmp_path):
+  import pytest  # pylint: disable=import-outside-toplevel
+  from alm.hypernet.hypernet import HypernetError  # pylint: disable=import-outside-toplevel
+  job = HypernetJob(model=str(tmp_path / "no-such-model"),
+                    hypernet=HypernetConfig(copy_shared=True))
+  cfg = TrainConfig.build(preset="hypernet-demo", add_terms="lexical=1")
+  with pytest.raises(HypernetError, match="always 0; use one of the two"):
+    run_hypernet(job, cfg, RunOptions(out_dir=str(tmp_path / "run"), progress=False))

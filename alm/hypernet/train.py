@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx
 
 from alm.hypernet.batches import HypernetBatchConfig, bucket_capacities, hypernet_batch
-from alm.hypernet.hypernet import (HypernetConfig, Hypernetwork, base_tables, new_vocab_pieces,
-                                   num_params, piece_buckets, transfer)
+from alm.hypernet.hypernet import (HypernetConfig, HypernetError, Hypernetwork, base_tables,
+                                   new_vocab_pieces, num_params, piece_buckets, transfer)
 from alm.hypernet.sampler import SamplerConfig, sample_tokenizer
 
 # The seed of the held-out sampled tokenizer; training uses seed * 1_000_003 + step.
@@ -168,7 +168,14 @@ def run_hypernet(job: HypernetJob, cfg, opts, *, command: str | None = None) -> 
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
   from alm.training.students import build_model
+  from alm.training.terms import objective_terms
   from alm.training.trainer import Trainer
+  if job.hypernet.copy_shared and any(t.name == "lexical"
+                                      for t, _ in objective_terms(cfg.objective)):
+    raise HypernetError("The lexical term pulls predicted embeddings of shared tokens back to "
+                        "the base's, but with copy_shared no shared token is predicted, so "
+                        "the term is always 0; use one of the two (drop lexical from "
+                        "add_terms, or --nocopy_shared).")
   t0 = time.time()
   # Labelled by name (a path by its last component): student_bpb@qwen3.
   eval_toks = {name.rstrip("/").split("/")[-1]: load_tokenizer(name)
