@@ -30,6 +30,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from alm.hypernet import zoo  # pylint: disable=import-outside-toplevel
   from alm.hypernet.hypernet import HypernetError  # pylint: disable=import-outside-toplevel
+  if FLAGS.rebuild and not FLAGS.build:
+    raise app.UsageError("--rebuild starts an entry's build over; pass it with --build=NAME.")
   if not FLAGS.build and not FLAGS.list:
     raise app.UsageError("Pass --list or --build=NAME (names: " + ", ".join(zoo.names()) + ").")
   if FLAGS.build:
