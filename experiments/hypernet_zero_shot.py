@@ -27,8 +27,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("hypernet", None, "A zoo name (alm.hypernet.zoo) or a directory written by "
                     "experiments.train_hypernet.", required=True)
 flags.DEFINE_string("model", "", "The base model (default: the one the hypernetwork records).")
-flags.DEFINE_list("tokenizers", ["qwen3", "llama3", "mistral-v3", "gemma3-270m"],
-                  "Tokenizers to transfer to (asset names or paths).")
+flags.DEFINE_list("tokenizers", [], "Tokenizers to transfer to (asset names or paths; not the "
+                  "base's own). Default: qwen3, llama3, mistral-v3, gemma3-270m and "
+                  "smollm2-135m-instruct, less the base's own tokenizer.")
 flags.DEFINE_string("heldout_data", "default:heldout", "Held-out documents.")
 flags.DEFINE_integer("teacher_samples", 32, "Also evaluate on this many texts sampled from the "
                      "base model (0: off).", lower_bound=0)
@@ -46,7 +47,8 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   from alm.data.sources import open_source
   from alm.hypernet import zoo
-  from alm.hypernet.evaluate import format_table, zero_shot_table
+  from alm.hypernet.evaluate import (DEFAULT_TOKENIZERS, format_table, held_out_tokenizers,
+                                     zero_shot_table)
   from alm.hypernet.hypernet import HypernetError
   from alm.models.loading import load_model
   from alm.tokenization.loading import load_tokenizer
@@ -57,7 +59,9 @@ def main(argv):
     if not model_name:
       raise HypernetError("The hypernetwork records no base model name; pass --model.")
     base, base_tok = load_model(model_name)
-    toks = {name.rstrip("/").split("/")[-1]: load_tokenizer(name) for name in FLAGS.tokenizers}
+    names = FLAGS.tokenizers or DEFAULT_TOKENIZERS
+    toks = held_out_tokenizers(base_tok, {name.rstrip("/").split("/")[-1]: load_tokenizer(name)
+                                          for name in names}, explicit=bool(FLAGS.tokenizers))
     sets = {"corpus": open_source(FLAGS.heldout_data)}
     if FLAGS.teacher_samples:
       from alm.eval.teacher_samples import teacher_samples_file

@@ -132,3 +132,20 @@ def test_rebuild_starts_over_and_drops_the_stale_table(tmp_path, monkeypatch):
   zoo.build(name, rebuild=True)
   assert "--noresume" in calls[-1] and not (d / "zero_shot.md").exists()
   assert calls[-1][:len(zoo.entry(name).command())] == zoo.entry(name).command()
+
+
+def test_the_base_models_own_tokenizer_is_dropped_or_refused():
+  from alm.hypernet.evaluate import (  # pylint: disable=import-outside-toplevel
+      DEFAULT_TOKENIZERS, held_out_tokenizers, same_tokenizer)
+  base_tok = tiny_tokenizer("bpe", 300)
+  again = tiny_tokenizer("bpe", 300)  # built anew: the same vocabulary, another object
+  other = tiny_tokenizer("unigram", 280)
+  assert same_tokenizer(base_tok, again) and not same_tokenizer(base_tok, other)
+  toks = {"own": again, "other": other}
+  assert list(held_out_tokenizers(base_tok, toks, explicit=False)) == ["other"]
+  with pytest.raises(HypernetError, match="own is the base model's own tokenizer.*--tokenizers"):
+    held_out_tokenizers(base_tok, toks, explicit=True)
+  with pytest.raises(HypernetError, match="No tokenizer to transfer to"):
+    held_out_tokenizers(base_tok, {"own": again}, explicit=False)
+  assert held_out_tokenizers(base_tok, {"other": other}, explicit=True) == {"other": other}
+  assert len(DEFAULT_TOKENIZERS) == 5 and "gemma3-270m" in DEFAULT_TOKENIZERS

@@ -30,6 +30,42 @@ def _bits(model, batches, side: str) -> np.ndarray:
   return np.sum([np.asarray(f(model, b, side=side), np.float64) for b in batches], axis=0)
 
 
+# The real tokenizers a zero-shot table transfers to by default: one of them is
+# usually the base's own, which `held_out_tokenizers` drops, leaving four.
+DEFAULT_TOKENIZERS = ("qwen3", "llama3", "mistral-v3", "gemma3-270m", "smollm2-135m-instruct")
+
+
+def same_tokenizer(a, b) -> bool:
+  """Whether two tokenizers have the same vocabulary (ids, bytes and specials)."""
+  return (a.vocab_size == b.vocab_size and a.special_ids == b.special_ids
+          and a.token_bytes == b.token_bytes)
+
+
+def held_out_tokenizers(base_tok, tokenizers: dict[str, Any], *,
+                        explicit: bool) -> dict[str, Any]:
+  """`tokenizers` without the base model's own tokenizer.
+
+  Zero-shot transfer to the base's own vocabulary is the original model, so a
+  row for it measures nothing (and FVT leaves no gap to close). A default
+  list drops it; a list the user gave that names it is refused.
+
+  Raises:
+    HypernetError: `explicit` and one of `tokenizers` is the base's own, or
+      nothing is left.
+  """
+  from alm.hypernet.hypernet import HypernetError  # pylint: disable=import-outside-toplevel
+  own = [label for label, tok in tokenizers.items() if same_tokenizer(tok, base_tok)]
+  if own and explicit:
+    raise HypernetError(f"{', '.join(own)} is the base model's own tokenizer: zero-shot transfer "
+                        "to it is the original model, with no gap to measure. Drop it from "
+                        "--tokenizers.")
+  kept = {label: tok for label, tok in tokenizers.items() if label not in own}
+  if not kept:
+    raise HypernetError("No tokenizer to transfer to: pass --tokenizers with tokenizers other "
+                        "than the base model's own.")
+  return kept
+
+
 def zero_shot_table(base, base_tok, hypernet, tokenizers: dict[str, Any],
                     sets: dict[str, Any], *, length: int = 128, n_batches: int = 4,
                     batch_size: int = 4) -> list[dict[str, Any]]:
