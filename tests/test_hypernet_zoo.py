@@ -149,3 +149,27 @@ def test_the_base_models_own_tokenizer_is_dropped_or_refused():
     held_out_tokenizers(base_tok, {"own": again}, explicit=False)
   assert held_out_tokenizers(base_tok, {"other": other}, explicit=True) == {"other": other}
   assert len(DEFAULT_TOKENIZERS) == 5 and "gemma3-270m" in DEFAULT_TOKENIZERS
+
+
+def test_a_hypernetwork_measured_worse_than_fvt_warns_when_loaded(tmp_path, monkeypatch, caplog):
+  import json  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("ALM_ZOO_DIR", str(tmp_path / "zoo"))
+  d = zoo.entry_dir("gemma3-270m-unigram")
+  base_tok = tiny_tokenizer("bpe", 300)
+  hn = Hypernetwork.for_model(tiny_model("llama", base_tok.vocab_size, seed=0), base_tok,
+                              HypernetConfig(num_heads=4, max_pieces=4), rngs=nnx.Rngs(0))
+  save_hypernet(hn, d / "hypernet")
+  with caplog.at_level("WARNING"):
+    zoo.load("gemma3-270m-unigram")  # not measured yet: nothing to say
+  assert zoo.worse_than_fvt(d) == [] and "worse than FVT" not in caplog.text
+  row = {"set": "corpus", "tokenizer": "qwen3", "vocab_size": 9, "original_bpb": 1.0,
+         "fvt_bpb": 2.0, "hypernet_bpb": 1.5, "gap_closed": 0.5}
+  (d / "zero_shot.json").write_text(json.dumps({"rows": [
+      row, {**row, "tokenizer": "llama3", "hypernet_bpb": 2.5, "gap_closed": -0.5}]}))
+  (d / "zero_shot.md").write_text(format_table([row]))
+  assert zoo.worse_than_fvt(d) == ["corpus/llama3"]
+  with caplog.at_level("WARNING"):
+    zoo.load("gemma3-270m-unigram")
+    zoo.load(str(d))
+  assert caplog.text.count("worse than FVT zero-shot on corpus/llama3") == 2
+  assert "worse than FVT on: corpus/llama3" in zoo.describe()

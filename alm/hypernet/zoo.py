@@ -26,6 +26,8 @@ built are in README.md / BUILD_NOTES.md with their commands.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shlex
 import subprocess
@@ -86,7 +88,7 @@ _BASES = {
                              "about 35 minutes on 2 cores"),
     "gemma3-270m-unigram": ("gemma3-270m", "the 256 byte-fallback tokens; Gemma's '▁' "
                             "spaces, SentencePiece-style",
-                            "15 s a step on 2 cores, so about an hour"),
+                            "about 55 minutes on 2 cores (15 s a step)"),
 }
 ENTRIES: dict[str, ZooEntry] = {
     name: ZooEntry(name=name, model=model, distribution=_SAMPLED.format(v=4096, bytes=alphabet),
@@ -140,12 +142,35 @@ def load(name_or_dir: str):
   from alm.hypernet.student import load_hypernet  # pylint: disable=import-outside-toplevel
   p = Path(str(name_or_dir)).expanduser()
   if p.is_dir():
+    warn_if_worse_than_fvt(p)
     return load_hypernet(p / "hypernet" if (p / "hypernet").is_dir() else p)
   e = entry(str(name_or_dir))
   if not is_built(e.name):
     raise HypernetError(f"The zoo entry {e.name!r} is not built in {zoo_dir()} yet. Build it "
                         f"(offline, resumable; {e.note}): {e.command_text()}")
+  warn_if_worse_than_fvt(entry_dir(e.name))
   return load_hypernet(entry_dir(e.name) / "hypernet")
+
+
+def worse_than_fvt(d: str | Path) -> list[str]:
+  """The rows of `d`'s measured zero-shot table where the hypernetwork lost to FVT.
+
+  Each as "set/tokenizer"; [] when nothing was measured (no zero_shot.json).
+  """
+  p = Path(d) / "zero_shot.json"
+  if not p.exists():
+    return []
+  rows = json.loads(p.read_text())["rows"]
+  return [f"{r['set']}/{r['tokenizer']}" for r in rows if r["hypernet_bpb"] > r["fvt_bpb"]]
+
+
+def warn_if_worse_than_fvt(d: str | Path) -> None:
+  """Logs a warning when `d`'s zero-shot table has the hypernetwork behind FVT."""
+  lost = worse_than_fvt(d)
+  if lost:
+    logging.warning("The hypernetwork in %s was measured worse than FVT zero-shot on %s "
+                    "(%s): FVT embeddings (the default init) may be the better start.",
+                    d, ", ".join(lost), Path(d) / "zero_shot.md")
 
 
 def build(name: str, *, extra_flags: tuple[str, ...] = (), rebuild: bool = False) -> Path:
@@ -186,4 +211,7 @@ def describe() -> str:
     if table.exists():
       lines += ["  zero-shot (measured here):"] + ["    " + l for l in
                                                    table.read_text().splitlines()]
+      lost = worse_than_fvt(entry_dir(n))
+      if lost:
+        lines.append(f"  worse than FVT on: {', '.join(lost)}")
   return "\n".join(lines)
