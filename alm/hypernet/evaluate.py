@@ -36,9 +36,16 @@ DEFAULT_TOKENIZERS = ("qwen3", "llama3", "mistral-v3", "gemma3-270m", "smollm2-1
 
 
 def same_tokenizer(a, b) -> bool:
-  """Whether two tokenizers have the same vocabulary (ids, bytes and specials)."""
-  return (a.vocab_size == b.vocab_size and a.special_ids == b.special_ids
-          and a.token_bytes == b.token_bytes)
+  """Whether two tokenizers have the same vocabulary (ids, bytes, specials and their
+  roles), as the toolkit's caches see it (`alm.training.students.hash_vocab`)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  from alm.training.students import hash_vocab  # pylint: disable=import-outside-toplevel
+  digests = []
+  for tok in (a, b):
+    h = hashlib.sha256()
+    hash_vocab(h, tok)
+    digests.append(h.digest())
+  return digests[0] == digests[1]
 
 
 def held_out_tokenizers(base_tok, tokenizers: dict[str, Any], *,
