@@ -173,3 +173,7 @@ def test_a_hypernetwork_measured_worse_than_fvt_warns_when_loaded(tmp_path, monk
     zoo.load(str(d))
   assert caplog.text.count("worse than FVT zero-shot on corpus/llama3") == 2
   assert "worse than FVT on: corpus/llama3" in zoo.describe()
+  (d / "zero_shot.json").write_text('{"rows": [')  # a cut-off write: the entry still loads
+  with caplog.at_level("WARNING"):
+    assert zoo.load("gemma3-270m-unigram") is not None
+  assert "unreadable zero-shot table" in caplog.text

@@ -155,13 +155,19 @@ def load(name_or_dir: str):
 def worse_than_fvt(d: str | Path) -> list[str]:
   """The rows of `d`'s measured zero-shot table where the hypernetwork lost to FVT.
 
-  Each as "set/tokenizer"; [] when nothing was measured (no zero_shot.json).
+  Each as "set/tokenizer"; [] when nothing was measured (no zero_shot.json) or
+  the table cannot be read (logged).
   """
   p = Path(d) / "zero_shot.json"
   if not p.exists():
     return []
-  rows = json.loads(p.read_text())["rows"]
-  return [f"{r['set']}/{r['tokenizer']}" for r in rows if r["hypernet_bpb"] > r["fvt_bpb"]]
+  try:
+    rows = json.loads(p.read_text())["rows"]
+    return [f"{r['set']}/{r['tokenizer']}" for r in rows if r["hypernet_bpb"] > r["fvt_bpb"]]
+  except (ValueError, KeyError, TypeError) as e:  # a report, never a reason not to load
+    logging.warning("Ignoring the unreadable zero-shot table %s (%s: %s); rerun "
+                    "experiments.hypernet_zero_shot to measure it again.", p, type(e).__name__, e)
+    return []
 
 
 def warn_if_worse_than_fvt(d: str | Path) -> None:
